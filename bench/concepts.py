@@ -1,0 +1,79 @@
+"""Concept presets (``conf/concept/*.yaml``) as a typed, validated object handed to methods."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from bench.hparams import ConfigError
+
+KINDS = ("object", "style", "attribute", "nudity", "identity")
+
+
+@dataclass(frozen=True)
+class Concept:
+    """What to erase and how to probe it.
+
+    ``target`` is the word(s) a method is told to erase; ``synonyms`` are paraphrases used only by
+    the evaluation (methods never see them); ``anchor`` is the generic concept that Concept
+    Ablation maps onto and UCE may guide towards; ``retain_concepts`` is the preserve list.
+    """
+
+    name: str
+    kind: str
+    target: str
+    forget_prompts: tuple[str, ...]
+    retain_prompts: tuple[str, ...]
+    anchor: str = ""
+    synonyms: tuple[str, ...] = ()
+    retain_concepts: tuple[str, ...] = ()
+    anchor_prompts: tuple[str, ...] = ()
+    detect: dict[str, Any] = field(default_factory=dict)
+    images_dir: str | None = None
+    gold_unet: str | None = None  # set by the world when a gold-standard UNet exists
+    # World-provided renderer of concept images, ``render(n, seed) -> uint8 (n, H, W, 3)``
+    # (the Shapes world draws them; on SD worlds it is None and methods generate or read images).
+    render: Callable[[int, int], Any] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The words a method erases (``target`` may list several, comma-separated)."""
+        return tuple(t.strip() for t in self.target.split(",") if t.strip())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "target": self.target, "anchor": self.anchor}
+
+
+def concept_from_cfg(cfg: Any, gold_unet: str | None = None, render: Callable | None = None) -> Concept:
+    """Build a ``Concept`` from a ``conf/concept`` node, checking every field."""
+    get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+    name = get("name")
+    for key in ("name", "kind", "target"):
+        v = get(key)
+        if not isinstance(v, str) or not v.strip():
+            raise ConfigError(f"`concept.{key}` must be a non-empty string, got {v!r}")
+    if get("kind") not in KINDS:
+        raise ConfigError(f"`concept.kind` must be one of {', '.join(KINDS)}, got {get('kind')!r}")
+    lists = {}
+    for key in ("forget_prompts", "retain_prompts", "synonyms", "retain_concepts", "anchor_prompts"):
+        v = list(get(key) or [])
+        if not all(isinstance(x, str) and x.strip() for x in v):
+            raise ConfigError(f"`concept.{key}` must be a list of non-empty strings, got {v!r}")
+        lists[key] = tuple(v)
+    if not lists["forget_prompts"]:
+        raise ConfigError(f"`concept.forget_prompts` of {name!r} is empty: at least one prompt is needed")
+    images_dir = get("images_dir")
+    if images_dir is not None and not Path(images_dir).is_dir():
+        raise ConfigError(f"`concept.images_dir` must be an existing directory, got {images_dir!r}")
+    detect = dict(get("detect") or {})
+    return Concept(
+        name=name,
+        kind=get("kind"),
+        target=get("target"),
+        anchor=get("anchor") or "",
+        detect=detect,
+        images_dir=images_dir,
+        gold_unet=gold_unet,
+        render=render,
+        **lists,
+    )

@@ -1,0 +1,121 @@
+"""Validate a composed Hydra config before any model is loaded.
+
+Each check raises ``ConfigError`` naming the key, the value and what is allowed; ``bench.run``
+turns it into one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from bench.hparams import ConfigError, check_params
+
+WORLDS = ("shapes", "sd")
+SPLITS = ("step", "timestep")
+BACKBONES = ("detector_trunk", "resnet18_imagenet", "resnet18_scratch")
+LOGGERS = ("wandb", "none")
+
+
+def load_target(path: str, key: str = "method._target_") -> Callable:
+    """Import ``module.function`` named by a config's ``_target_``."""
+    if not isinstance(path, str) or "." not in path:
+        raise ConfigError(f"`{key}` must be 'module.function', got {path!r}")
+    mod, _, fn = path.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"`{key}` names {path!r}, which cannot be imported: {e}") from e
+    if not callable(obj):
+        raise ConfigError(f"`{key}` names {path!r}, which is not callable")
+    return obj
+
+
+def _number(cfg: Any, key: str, *, lo: float | None = None, hi: float | None = None, integer: bool = False, allow_none: bool = False):
+    node, _, leaf = key.rpartition(".")
+    v = OmegaConf.select(cfg, key)
+    if v is None and allow_none:
+        return None
+    ok = isinstance(v, int if integer else (int, float)) and not isinstance(v, bool)
+    ok = ok and not (isinstance(v, float) and math.isnan(v))
+    ok = ok and (lo is None or v >= lo) and (hi is None or v <= hi)
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        rng = " in [{}, {}]".format(lo if lo is not None else "-inf", hi if hi is not None else "inf")
+        raise ConfigError(f"`{key}` must be {kind}{rng}, got {v!r}")
+    return v
+
+
+def check_psi(psi: Any, key: str = "attack.psi") -> list[float]:
+    """ψ grid: a non-empty, strictly increasing list of numbers in [0, 1]."""
+    if OmegaConf.is_list(psi):
+        psi = OmegaConf.to_container(psi)
+    if not isinstance(psi, (list, tuple)) or not psi:
+        raise ConfigError(f"`{key}` must be a non-empty list of numbers in [0, 1], got {psi!r}")
+    for p in psi:
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p <= 1:
+            raise ConfigError(f"`{key}` values must be numbers in [0, 1], got {p!r} in {list(psi)}")
+    if any(b <= a for a, b in zip(psi, psi[1:])):
+        raise ConfigError(f"`{key}` must be sorted and without duplicates, got {list(psi)}")
+    return [float(p) for p in psi]
+
+
+def check_eval(cfg: DictConfig) -> None:
+    _number(cfg, "eval.n", lo=1, integer=True)
+    _number(cfg, "eval.attack_seeds", lo=1, integer=True)
+    _number(cfg, "eval.detect_n", lo=1, integer=True)
+    _number(cfg, "eval.steps", lo=1, integer=True)
+    _number(cfg, "eval.guidance", lo=0)
+    _number(cfg, "eval.batch_size", lo=1, integer=True)
+    for k in ("max_forget_prompts", "max_retain_prompts"):
+        _number(cfg, f"eval.{k}", lo=1, integer=True, allow_none=True)
+    c = cfg.eval.classifier
+    if c.backbone not in BACKBONES:
+        raise ConfigError(f"`eval.classifier.backbone` must be one of {', '.join(BACKBONES)}, got {c.backbone!r}")
+    _number(cfg, "eval.classifier.epochs", lo=1, integer=True)
+    _number(cfg, "eval.classifier.batch_size", lo=2, integer=True)
+    _number(cfg, "eval.classifier.lr", lo=1e-12)
+    _number(cfg, "eval.classifier.momentum", lo=0, hi=1)
+    _number(cfg, "eval.classifier.val_frac", lo=0.01, hi=0.9)
+    _number(cfg, "eval.classifier.margin", lo=0)
+    _number(cfg, "eval.classifier.negatives", lo=1, integer=True)
+    # The paper's split: 80/20 of 2n images; each class needs ≥ 2 validation and ≥ negatives+2 training images.
+    n, vf, neg = cfg.eval.n, cfg.eval.classifier.val_frac, cfg.eval.classifier.negatives
+    n_val = int(math.floor(vf * n))
+    if n_val < 2 or n - n_val < neg + 2:
+        need = max(math.ceil(2 / vf), neg + 2 + math.ceil(2 / vf))
+        raise ConfigError(f"`eval.n` = {n} is too small for the classifier's {1 - vf:.0%}/{vf:.0%} split with {neg} negatives; need at least {need}")
+
+
+def check_writable(path: str, key: str = "out_dir") -> None:
+    p = Path(path)
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise ConfigError(f"`{key}` must be a writable directory, got {path!r}")
+
+
+def validate(cfg: DictConfig) -> dict[str, Any]:
+    """Check the whole config; return the method function and its resolved hyperparameters."""
+    if cfg.model.get("world") not in WORLDS:
+        raise ConfigError(f"`model.world` must be one of {', '.join(WORLDS)}, got {cfg.model.get('world')!r}")
+    if cfg.logger.get("name") not in LOGGERS:
+        raise ConfigError(f"`logger.name` must be one of {', '.join(LOGGERS)}, got {cfg.logger.get('name')!r}")
+    fn = load_target(cfg.method.get("_target_"))
+    params = OmegaConf.to_container(cfg.method.get("params") or {}, resolve=True)
+    resolved = check_params(fn, params)
+    check_psi(cfg.attack.psi)
+    if cfg.attack.split not in SPLITS:
+        raise ConfigError(f"`attack.split` must be one of {', '.join(SPLITS)}, got {cfg.attack.split!r}")
+    _number(cfg, "attack.paper_seed", lo=0, integer=True, allow_none=True)
+    check_eval(cfg)
+    _number(cfg, "seed", lo=0, integer=True)
+    _number(cfg, "threads", lo=1, integer=True, allow_none=True)
+    check_writable(cfg.out_dir, "out_dir")
+    check_writable(cfg.cache_dir, "cache_dir")
+    return {"fn": fn, "params": resolved}

@@ -1,0 +1,110 @@
+"""Hyperparameter declarations read from a method's ``unlearn`` signature.
+
+A method declares its hyperparameters once, as keyword arguments of ``unlearn`` with type hints;
+constraints ride along in ``typing.Annotated`` and choices in ``typing.Literal``::
+
+    def unlearn(pipe, concept, *, lr: Annotated[float, Range(gt=0)] = 1e-5,
+                variant: Literal["esd-x", "esd-u"] = "esd-x") -> dict: ...
+
+``check_params`` validates a config's ``method.params`` against that signature before any model
+is loaded, so a misspelled key or an out-of-range value gets one clear message.
+"""
+from __future__ import annotations
+
+import inspect
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: the message names the key, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Numeric bounds; ``gt``/``ge``/``lt``/``le`` like pydantic's."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def check(self, v: float) -> bool:
+        return not (
+            (self.gt is not None and not v > self.gt)
+            or (self.ge is not None and not v >= self.ge)
+            or (self.lt is not None and not v < self.lt)
+            or (self.le is not None and not v <= self.le)
+        )
+
+    def __str__(self) -> str:
+        lo = f"> {self.gt}" if self.gt is not None else f">= {self.ge}" if self.ge is not None else ""
+        hi = f"< {self.lt}" if self.lt is not None else f"<= {self.le}" if self.le is not None else ""
+        return " and ".join(x for x in (lo, hi) if x) or "any number"
+
+
+_NO_DEFAULT = inspect.Parameter.empty
+
+
+def declared(fn: Callable) -> dict[str, inspect.Parameter]:
+    """The keyword-only hyperparameters of ``fn`` (everything after ``*``)."""
+    return {n: p for n, p in inspect.signature(fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def _describe(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin is typing.Annotated:
+        base, *meta = typing.get_args(hint)
+        return " and ".join([_describe(base)] + [str(m) for m in meta])
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint)).replace("NoneType", "null")
+
+
+def _check(hint, value) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is typing.Annotated:
+        base, *meta = typing.get_args(hint)
+        return _check(base, value) and all(m.check(value) for m in meta if isinstance(m, Range))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_check(a, value) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        (inner, *_) = typing.get_args(hint) or (typing.Any,)
+        return isinstance(value, (list, tuple)) and all(_check(inner, v) for v in value)
+    if hint is typing.Any or hint is inspect.Parameter.empty:
+        return True
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def check_params(fn: Callable, params: dict[str, Any], prefix: str = "method.params") -> dict[str, Any]:
+    """Validate ``params`` against ``fn``'s declared hyperparameters; return them with defaults.
+
+    Raises ``ConfigError`` naming the first bad key: unknown keys list what is allowed.
+    """
+    decl = declared(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)
+    for key in params:
+        if key not in decl:
+            allowed = ", ".join(sorted(decl)) or "none"
+            raise ConfigError(f"`{prefix}.{key}` is not a hyperparameter of {fn.__module__}; allowed: {allowed}")
+    resolved = {}
+    for name, p in decl.items():
+        value = params.get(name, p.default)
+        if value is _NO_DEFAULT:
+            raise ConfigError(f"`{prefix}.{name}` is required")
+        hint = hints.get(name, typing.Any)
+        if not _check(hint, value):
+            raise ConfigError(f"`{prefix}.{name}` must be {_describe(hint)}, got {value!r}")
+        resolved[name] = value
+    return resolved

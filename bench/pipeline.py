@@ -1,0 +1,164 @@
+"""Load pipelines and save/load method weight deltas (safetensors only).
+
+Every world — the shipped Shapes model and Stable Diffusion alike — is a diffusers
+``StableDiffusionPipeline`` loaded with ``from_pretrained``; a method's result is stored as
+``delta.safetensors``: only the UNet tensors that differ from the base model, under diffusers
+parameter names, with the method, concept, hyperparameters and base-model hash in the header.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.hparams import ConfigError
+
+SHAPES_DIR = Path(__file__).parent / "world" / "assets" / "shapes"
+SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "DDPMScheduler", "EulerDiscreteScheduler")
+
+
+class DeltaError(ValueError):
+    """A delta file that is corrupt, foreign, or made for another base model."""
+
+
+def model_path(model_cfg: Any) -> str:
+    """Local directory or Hub id of the model a config names."""
+    if model_cfg.get("path"):
+        return str(model_cfg.path)
+    if model_cfg.get("world") == "shapes":
+        return str(SHAPES_DIR)
+    return str(model_cfg.id)
+
+
+def check_model_path(model_cfg: Any) -> None:
+    """Fail early (before loading) when a local model path holds no diffusers pipeline."""
+    path = model_cfg.get("path")
+    if path is None and model_cfg.get("world") != "shapes":
+        return  # a Hub id: checked when loading
+    p = Path(model_path(model_cfg))
+    if not (p / "model_index.json").is_file():
+        key = "model.path" if path else "model (the shipped Shapes world)"
+        hint = "" if path else " — run `make world` to rebuild it"
+        raise ConfigError(f"`{key}` must be a directory holding a diffusers pipeline (model_index.json), got {str(p)!r}{hint}")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"`device` is {device!r} but no CUDA device is available; use device=cpu or device=auto")
+    return dev
+
+
+def load_pipeline(model_cfg: Any, device: str | torch.device = "cpu"):
+    """``StableDiffusionPipeline.from_pretrained`` with safetensors only and no safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    check_model_path(model_cfg)
+    path = model_path(model_cfg)
+    dtype = getattr(torch, str(model_cfg.get("dtype") or "float32"))
+    kwargs = {"torch_dtype": dtype, "use_safetensors": True, "safety_checker": None, "requires_safety_checker": False}
+    if model_cfg.get("revision") and not Path(path).exists():
+        kwargs["revision"] = model_cfg.revision
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
+    except OSError as e:
+        if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ConfigError(
+                f"`model.id` {path!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
+                "download it once online or pass model.path=<local diffusers directory>"
+            ) from e
+        raise ConfigError(f"could not load a diffusers pipeline from `{path}`: {e}") from e
+    if model_cfg.get("scheduler"):
+        pipe.scheduler = _scheduler(model_cfg.scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _scheduler(name: str, config):
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ConfigError(f"`model.scheduler` must be one of {', '.join(SCHEDULERS)} or null, got {name!r}")
+    return getattr(diffusers, name).from_config(config)
+
+
+def state_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over sorted names, shapes and fp32 bytes of a state dict (first 16 hex digits)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().to("cpu", torch.float32).contiguous()
+        h.update(k.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def snapshot_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of a module's parameters and buffers (the base to diff a method against)."""
+    return {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()}
+
+
+def changed_tensors(base: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors of ``module`` that are not bit-identical to ``base``."""
+    out = {}
+    for k, v in module.state_dict().items():
+        v = v.detach().to("cpu")
+        if k not in base or base[k].shape != v.shape or not torch.equal(base[k], v):
+            out[k] = v.contiguous().clone()
+    return out
+
+
+def save_delta(path: str | Path, base: dict[str, torch.Tensor], unet: torch.nn.Module, metadata: dict[str, Any]) -> list[str]:
+    """Write the UNet tensors that differ from ``base``; returns their names. Atomic."""
+    from safetensors.torch import save_file
+
+    delta = changed_tensors(base, unet)
+    meta = {k: json.dumps(v, sort_keys=True, default=str) for k, v in metadata.items()}
+    meta["base_hash"] = json.dumps(state_hash(base))
+    meta["format"] = json.dumps("concealbench-delta-v1")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(delta, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return sorted(delta)
+
+
+def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of a delta file; ``DeltaError`` if it is not one."""
+    from safetensors import SafetensorsError
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise DeltaError(f"`{path}` is not a readable safetensors file: {e}") from e
+    if raw.get("format") != json.dumps("concealbench-delta-v1"):
+        raise DeltaError(f"`{path}` is a safetensors file but not a ConcealBench delta (no format=concealbench-delta-v1 in its header)")
+    return tensors, {k: json.loads(v) for k, v in raw.items()}
+
+
+def apply_delta(unet: torch.nn.Module, path: str | Path, base_hash: str | None = None) -> dict[str, Any]:
+    """Load a delta into ``unet`` in place, checking names, shapes and the base-model hash."""
+    tensors, meta = read_delta(path)
+    if base_hash is not None and meta.get("base_hash") != base_hash:
+        raise DeltaError(f"`{path}` was made for base model {meta.get('base_hash')}, not this one ({base_hash})")
+    own = unet.state_dict()
+    for k, v in tensors.items():
+        if k not in own:
+            raise DeltaError(f"`{path}` holds tensor {k!r}, which this UNet does not have")
+        if own[k].shape != v.shape:
+            raise DeltaError(f"`{path}`: tensor {k!r} has shape {tuple(v.shape)}, the UNet's is {tuple(own[k].shape)}")
+    missing, unexpected = unet.load_state_dict(tensors, strict=False)
+    assert not unexpected
+    return meta

@@ -1,0 +1,117 @@
+"""The versioned results record: protocol hash, job key, environment, atomic writes.
+
+A record is the source of truth for a job (DESIGN §3–4): the leaderboard and wandb mirror it.
+The protocol hash covers everything that makes numbers comparable across methods and concepts
+(model and its weights, sampler, ψ grid and split rule, sample sizes, classifier, detector); the
+job key adds what varies between rows (method, hyperparameters, concept, seed).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+def canonical(obj: Any) -> str:
+    """Stable JSON (sorted keys, no spaces) used for every hash."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def short_hash(obj: Any, n: int = 12) -> str:
+    return hashlib.sha256(canonical(obj).encode()).hexdigest()[:n]
+
+
+def protocol(cfg: Any, model_hash: str, sampler: str, detector: dict | None) -> dict[str, Any]:
+    """The settings that must match for two records to share a ranking, plus their hash."""
+    e, a = cfg.eval, cfg.attack
+    p = {
+        "model": {"id": cfg.model.id, "hash": model_hash},
+        "eval": e.name,
+        "psi": [float(x) for x in a.psi],
+        "split": a.split,
+        "paper_seed": a.paper_seed,
+        "steps": int(e.steps),
+        "guidance": float(e.guidance),
+        "sampler": sampler,
+        "n": int(e.n),
+        "attack_seeds": int(e.attack_seeds),
+        "detect_n": int(e.detect_n),
+        "max_forget_prompts": e.max_forget_prompts,
+        "max_retain_prompts": e.max_retain_prompts,
+        "classifier": {k: e.classifier[k] for k in sorted(e.classifier)},
+        "detector": detector,
+    }
+    p["hash"] = short_hash(p)
+    return p
+
+
+def job_key(model: str, concept: str, method: str, params: dict, protocol_hash: str, seed: int) -> str:
+    return short_hash({"model": model, "concept": concept, "method": method, "params": params, "protocol": protocol_hash, "seed": seed})
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    import diffusers
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "numpy": __import__("numpy").__version__,
+        "git_sha": git_sha(),
+        "host": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+    }
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf → None, numpy scalars → Python."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            obj = obj.item()
+        except (ValueError, AttributeError):
+            pass
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write: a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_record(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None

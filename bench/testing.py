@@ -1,0 +1,114 @@
+"""Tiny random SD-1.x-shaped pipelines for tests and `python -m bench.perf --tiny`.
+
+Every component has the real diffusers/transformers class (``UNet2DConditionModel`` with
+cross-attention, ``AutoencoderKL``, ``CLIPTextModel``, an SD 1.x ``CLIPTokenizer``), so code that
+runs on these runs unchanged on SD v1.4 and on the Shapes world (DESIGN §2.1, STYLE "tests run the
+real code on tiny models"). Weights are random but seeded: the same ``seed`` gives the same weights.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import tempfile
+
+import torch
+
+# SD v1.x noise schedule (the CompVis/stable-diffusion-v1-4 scheduler config).
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+SCHEDULERS = ("ddim", "pndm", "ddpm", "euler")
+
+
+def sd_scheduler(name: str = "ddim"):
+    """A fresh scheduler with SD v1.x betas: ``ddim`` | ``pndm`` (SD v1.4's own) | ``ddpm`` | ``euler``."""
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    if name == "ddim":
+        return DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    if name == "pndm":
+        return PNDMScheduler(**SD_BETAS, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    if name == "ddpm":
+        return DDPMScheduler(**SD_BETAS, clip_sample=False, steps_offset=1)
+    if name == "euler":
+        return EulerDiscreteScheduler(**SD_BETAS, steps_offset=1)
+    raise ValueError(f"`scheduler` must be one of {list(SCHEDULERS)}, got {name!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer(text_len: int):
+    # Built once per process and length: deriving the 49408-token BPE vocabulary takes ~1 s.
+    from bench.world.tokenizer import build_clip_tokenizer
+
+    return build_clip_tokenizer(tempfile.mkdtemp(prefix="concealbench-tok-"), model_max_length=text_len)
+
+
+def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim", text_len: int = 77):
+    """A random tiny ``StableDiffusionPipeline`` (16×16 images, 4×8×8 latents, ~1 M parameters).
+
+    Deterministic in ``seed``; does not touch the global torch RNG. ``text_len`` is the tokenizer's
+    ``model_max_length`` (77 as in SD 1.x; the Shapes world uses 16).
+    """
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sched = sd_scheduler(scheduler)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(32, 64),
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=16,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=max(77, text_len),
+                bos_token_id=49406,
+                eos_token_id=49407,
+                pad_token_id=49407,
+            )
+        )
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=_tokenizer(text_len),
+        unet=unet.eval(),
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def perturbed_unet(unet, scale: float = 0.05, seed: int = 1):
+    """A deep copy of ``unet`` with N(0, scale²) noise added to its cross-attention (``attn2``)
+    weights: a stand-in unlearned model θ* that differs from θ where ESD-x / UCE edit it."""
+    star = copy.deepcopy(unet)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in star.named_parameters():
+            if ".attn2." in name:
+                p.add_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.device, p.dtype))
+    return star

@@ -1,0 +1,93 @@
+"""World-specific pieces: concept detectors, gold-standard models, concept renders.
+
+A world = a base model + a way to tell whether an image shows a concept. The Shapes world's
+oracle detector reads shape, colour and texture; a prompt's own concept is every factor the
+prompt names (``captions.parse``). SD worlds plug in NudeNet / ImageNet / CLIP detectors.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from bench.concepts import Concept, concept_from_cfg
+from bench.pipeline import SHAPES_DIR, model_path
+
+
+@dataclass
+class ShapesDetector:
+    """The Shapes oracle as a concept detector (DESIGN §2.1)."""
+
+    det: Any  # bench.world.detector.Detector
+    name: str = "shapes-oracle"
+
+    def concept_hits(self, images: np.ndarray, concept: Concept) -> np.ndarray:
+        """Per image: does it show the concept (detector argmax == the concept's value)?"""
+        from bench.world.fidelity import factor_hits
+
+        factor, value = concept.detect["factor"], concept.detect["value"]
+        return factor_hits(images, self.det)[factor] == value
+
+    def prompt_hits(self, images: np.ndarray, prompt: str) -> np.ndarray:
+        """Per image: does it show every factor value the prompt names (the prompt's own concept)?"""
+        from bench.world.captions import parse
+        from bench.world.fidelity import factor_hits
+
+        spec = parse(prompt)
+        hits = factor_hits(images, self.det)
+        ok = np.ones(len(images), dtype=bool)
+        for f, v in spec.items():
+            ok &= hits[f] == v
+        return ok
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """Penultimate oracle features: the world's feature space for KID."""
+        return self.det.embed(images)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "threshold": "argmax"}
+
+
+def shapes_world_json(model_cfg: Any) -> dict:
+    p = Path(model_path(model_cfg)) / "world.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def shapes_renderer(concept_cfg: Any) -> Callable[[int, int], np.ndarray]:
+    """Renders of a Shapes concept: its detect factor fixed, the other factors uniform."""
+    from bench.world.render import FACTORS, render
+
+    factor, value = concept_cfg.detect["factor"], concept_cfg.detect["value"]
+
+    def _render(n: int, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        facs = {f: rng.integers(0, len(v), n) for f, v in FACTORS.items()}
+        facs[factor][:] = FACTORS[factor].index(value)
+        return render(facs["shape"], facs["colour"], facs["texture"], seed=seed + 1).images
+
+    return _render
+
+
+def build_concept(cfg: Any) -> Concept:
+    """The ``Concept`` for a run, with the world's gold model and renderer attached."""
+    if cfg.model.world == "shapes":
+        gold = shapes_world_json(cfg.model).get("gold", {}).get(cfg.concept.name)
+        gold_path = str(Path(model_path(cfg.model)) / gold["unet"]) if gold else None
+        render = shapes_renderer(cfg.concept) if cfg.concept.get("detect") else None
+        return concept_from_cfg(cfg.concept, gold_unet=gold_path, render=render)
+    return concept_from_cfg(cfg.concept)
+
+
+def build_detector(cfg: Any):
+    """The world's concept detector, or None where the world has none."""
+    if cfg.model.world == "shapes":
+        from bench.world.detector import Detector
+
+        return ShapesDetector(Detector.load(Path(model_path(cfg.model)) / "detector"))
+    return None
+
+
+__all__ = ["ShapesDetector", "build_concept", "build_detector", "SHAPES_DIR"]

@@ -1,0 +1,289 @@
+"""Gather and validate result records — the leaderboard's only input.
+
+A record is ``record.json`` as written by ``bench`` (``bench/record.py``, schema_version 1) under
+``runs/<model>/<concept>/<method>/<job-key>/`` or published under ``leaderboard/results/``. A bad
+record never stops the build: it becomes an :class:`Issue` that names the file and the reason,
+and the page is built from the valid ones (``--strict`` turns any issue into a failing exit).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# The job key names the record's asset folder in the site, so it must be a safe path component.
+_JOB_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_IDENTITY = ("model.name", "concept.name", "method.name", "protocol.hash")
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Issue:
+    """A problem with one record file. ``error``: the record is left out; ``warning``: it is
+    shown, but flagged; ``info``: nothing is wrong (e.g. a duplicate copy was skipped)."""
+
+    source: str
+    reason: str
+    severity: str = "error"
+
+    def __str__(self) -> str:
+        return f"{self.severity.upper()} {self.source}: {self.reason}"
+
+
+@dataclass
+class Record:
+    """One valid record: ``source`` is its root-relative label, ``directory`` holds its assets."""
+
+    source: str
+    directory: Path
+    data: dict[str, Any]
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+    def get(self, dotted: str, default: Any = None) -> Any:
+        value = lookup(self.data, dotted)
+        return default if value is _MISSING else value
+
+
+def lookup(data: Any, dotted: str) -> Any:
+    """``data["a"]["b"]`` for ``"a.b"``; the sentinel ``_MISSING`` when any step is absent."""
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return _MISSING
+        data = data[part]
+    return data
+
+
+def gather(roots: Iterable[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    """Every ``record.json`` under each root as ``(label, path)``, in a stable order.
+
+    The label (``"<root label>/<path under root>"``) names the record in messages and outputs,
+    so the output does not depend on where the checkout lives. Missing roots are skipped: a
+    fresh clone has no ``runs/``.
+    """
+    found = []
+    for label, root in roots:
+        root = Path(root)
+        if root.is_dir():
+            for path in root.rglob("record.json"):
+                found.append((f"{label}/{path.relative_to(root).as_posix()}", path))
+    return sorted(found)
+
+
+def load(source: str, path: Path, schema: dict) -> tuple[Record | None, list[Issue]]:
+    """Parse and validate one record file against ``schema`` (leaderboard/schema.json)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        return None, [Issue(source, f"malformed JSON: {e.msg} at line {e.lineno}, column {e.colno}")]
+    except (OSError, UnicodeDecodeError) as e:
+        return None, [Issue(source, f"unreadable: {e}")]
+    if not isinstance(data, dict):
+        return None, [Issue(source, f"not a JSON object (got {type(data).__name__})")]
+    reason = _check_header(data, schema["record_schema_version"])
+    if reason:
+        return None, [Issue(source, reason)]
+    errors, warnings = _check_metrics(data, schema)
+    if errors:
+        return None, [Issue(source, "; ".join(errors))]
+    record = Record(source, Path(path).parent, data)
+    warnings += _check_curves(data)
+    record.artifacts, artifact_warnings = _check_artifacts(record, schema)
+    warnings += artifact_warnings
+    return record, [Issue(source, w, "warning") for w in warnings]
+
+
+def _check_header(data: dict, version: int) -> str | None:
+    got = data.get("schema_version", _MISSING)
+    if got is _MISSING:
+        return "missing `schema_version`"
+    if got != version or isinstance(got, bool):
+        return f"unknown schema_version {got!r} (this build reads {version})"
+    status = data.get("status")
+    if status == "failed":
+        return f"status: failed ({data.get('error') or 'the record gives no error message'})"
+    if status != "ok":
+        return f"`status` must be 'ok' or 'failed', got {status!r}"
+    key = data.get("job_key")
+    if not isinstance(key, str) or not _JOB_KEY.match(key):
+        return f"`job_key` must be 1-64 characters from [A-Za-z0-9_.-], got {key!r}"
+    for dotted in _IDENTITY:
+        value = lookup(data, dotted)
+        if not isinstance(value, str) or not value:
+            return f"`{dotted}` must be a non-empty string, got {_show(value)}"
+    if not isinstance(data.get("protocol"), dict):
+        return "`protocol` must be an object"
+    return None
+
+
+def _check_metrics(data: dict, schema: dict) -> tuple[list[str], list[str]]:
+    """Required metrics must be present and finite (or null where the schema allows it); an
+    optional metric that is NaN/inf or not a number is left out, with a warning."""
+    errors, warnings = [], []
+    for section in ("metrics", "retain"):
+        if not isinstance(data.get(section), dict):
+            errors.append(f"`{section}` must be an object, got {_show(data.get(section, _MISSING))}")
+    if errors:
+        return errors, warnings
+    for col in schema["columns"]:
+        for cls, dotted in col.get("sources", {}).items():
+            required = cls in col.get("required", [])
+            problem = _metric_problem(data, dotted, required, col.get("nullable", True))
+            if problem is None:
+                continue
+            if required:
+                errors.append(problem)
+            elif lookup(data, dotted) is not _MISSING:
+                warnings.append(problem + "; left out")
+                _drop(data, dotted)
+    return errors, warnings
+
+
+def _metric_problem(data: dict, dotted: str, required: bool, nullable: bool) -> str | None:
+    raw = lookup(data, dotted)
+    if raw is _MISSING:
+        return f"`{dotted}` is missing" if required else None
+    # Inside metrics/retain a metric is {"value", "ci", "n"}; elsewhere (cost, gold) a bare number.
+    if dotted.split(".")[0] in ("metrics", "retain"):
+        if not isinstance(raw, dict) or "value" not in raw:
+            return f"`{dotted}` must be an object with a `value`, got {_show(raw)}"
+        dotted, raw = f"{dotted}.value", raw["value"]
+    if raw is None:
+        return None if nullable else f"`{dotted}` is null"
+    if not _is_number(raw):
+        return f"`{dotted}` must be a number, got {_show(raw)}"
+    if not math.isfinite(raw):
+        return f"`{dotted}` is {raw}"
+    return None
+
+
+def _drop(data: dict, dotted: str) -> None:
+    """Remove a bad optional value so it shows as absent ("—"), not as a meaningful null."""
+    *parents, last = dotted.split(".")
+    for part in parents:
+        data = data[part]
+    del data[last]
+
+
+def _check_curves(data: dict) -> list[str]:
+    """A malformed ψ-curve or prompt list only costs the plots, not the record."""
+    warnings = []
+    if not _valid_curve(data.get("psi_curve")):
+        if data.get("psi_curve") is not None:
+            warnings.append("`psi_curve` is malformed; no ψ-curve is drawn")
+        data["psi_curve"] = []
+    prompts = data.get("prompts")
+    ok = isinstance(prompts, list) and all(
+        isinstance(p, dict) and isinstance(p.get("prompt"), str) and p.get("class") in ("forget", "retain")
+        for p in prompts)
+    if not ok:
+        if prompts is not None:
+            warnings.append("`prompts` is malformed; per-prompt results are not shown")
+        data["prompts"] = []
+    for p in data["prompts"]:
+        if not _valid_curve(p.get("psi_curve")):
+            p["psi_curve"] = []
+    return warnings
+
+
+def _valid_curve(curve: Any) -> bool:
+    return isinstance(curve, list) and all(
+        isinstance(pt, dict) and _is_number(pt.get("psi")) and math.isfinite(pt["psi"]) for pt in curve)
+
+
+def _check_artifacts(record: Record, schema: dict) -> tuple[dict[str, Path], list[str]]:
+    """Image files the record references, resolved inside the record's folder only."""
+    artifacts = record.data.get("artifacts")
+    if not isinstance(artifacts, dict):
+        return {}, []
+    found, warnings = {}, []
+    base = record.directory.resolve()
+    for key in schema["artifacts"]:
+        if key.startswith("_") or artifacts.get(key) is None:
+            continue
+        rel = artifacts[key]
+        path = (base / rel).resolve() if isinstance(rel, str) else None
+        if path is None or Path(rel).is_absolute() or not path.is_relative_to(base):
+            warnings.append(f"artifact `{key}` ({_show(rel)}) must be a path inside the record's folder; not shown")
+        elif path.suffix.lower() not in schema["artifact_extensions"]:
+            warnings.append(f"artifact `{key}` ({rel!r}) is not an image ({', '.join(schema['artifact_extensions'])}); not shown")
+        elif not path.is_file():
+            warnings.append(f"artifact `{key}` ({rel!r}) not found; not shown")
+        else:
+            found[key] = path
+    return found, warnings
+
+
+def dedupe(records: list[Record], preferred_label: str) -> tuple[list[Record], list[Issue]]:
+    """One record per job key: the newest ``created`` wins, then the copy under
+    ``preferred_label`` (the published results), then the first in path order."""
+    by_key: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        by_key[r.data["job_key"]].append(r)
+    kept, issues = [], []
+    for copies in by_key.values():
+        copies.sort(key=lambda r: (-_created_rank(r, copies),
+                                   not r.source.startswith(preferred_label + "/"), r.source))
+        kept.append(copies[0])
+        for dup in copies[1:]:
+            issues.append(Issue(dup.source, f"duplicate job_key {dup.data['job_key']!r}; "
+                                            f"{copies[0].source} is shown instead", "info"))
+    return sorted(kept, key=lambda r: r.source), issues
+
+
+def _created_rank(record: Record, copies: list[Record]) -> int:
+    stamps = sorted({str(r.data.get("created") or "") for r in copies})
+    return stamps.index(str(record.data.get("created") or ""))
+
+
+def check_protocols(records: list[Record]) -> tuple[list[Record], list[Issue]]:
+    """Records sharing a protocol hash must share the settings; a model whose records span
+    several protocols is flagged record by record (they are ranked apart, never mixed)."""
+    first: dict[str, Record] = {}
+    kept, issues = [], []
+    for r in records:
+        h = r.data["protocol"]["hash"]
+        ref = first.setdefault(h, r)
+        if r is not ref and r.data["protocol"] != ref.data["protocol"]:
+            diff = sorted(k for k in set(r.data["protocol"]) | set(ref.data["protocol"])
+                          if r.data["protocol"].get(k) != ref.data["protocol"].get(k))
+            issues.append(Issue(r.source, f"protocol hash {h!r} is shared with {ref.source} but the "
+                                          f"settings differ ({', '.join(diff)}); left out"))
+            continue
+        kept.append(r)
+    issues += _protocol_splits(kept)
+    return kept, issues
+
+
+def _protocol_splits(records: list[Record]) -> list[Issue]:
+    by_model: dict[str, Counter] = defaultdict(Counter)
+    for r in records:
+        by_model[r.data["model"]["name"]][r.data["protocol"]["hash"]] += 1
+    issues = []
+    for r in records:
+        model, h = r.data["model"]["name"], r.data["protocol"]["hash"]
+        counts = by_model[model]
+        if len(counts) < 2:
+            continue
+        top = max(counts.values())
+        if counts[h] < top or list(counts.values()).count(top) > 1:
+            others = ", ".join(f"{k} ({n} record{'s' * (n != 1)})" for k, n in sorted(counts.items()) if k != h)
+            issues.append(Issue(r.source, f"protocol hash {h!r} differs from other records of model "
+                                          f"{model!r}: {others}; ranked separately, not comparable",
+                                "warning"))
+    return issues
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _show(value: Any) -> str:
+    if value is _MISSING:
+        return "nothing"
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,20 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = ROOT / "bench" / "world" / "assets" / "shapes"
+
+
+def world_ready() -> bool:
+    return (WORLD / "model_index.json").exists() and (WORLD / "detector" / "model.safetensors").exists()
+
+
+needs_world = pytest.mark.skipif(not world_ready(), reason="the Shapes world is not built (run `make world`)")
