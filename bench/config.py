@@ -107,8 +107,12 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.logger.get("name") not in LOGGERS:
         raise ConfigError(f"`logger.name` must be one of {', '.join(LOGGERS)}, got {cfg.logger.get('name')!r}")
     fn = load_target(cfg.method.get("_target_"))
-    params = OmegaConf.to_container(cfg.method.get("params") or {}, resolve=True)
+    node = cfg.method.get("params")
+    params = OmegaConf.to_container(node, resolve=True) if node is not None else {}
     resolved = check_params(fn, params)
+    from bench.concepts import concept_from_cfg
+
+    concept_from_cfg(cfg.concept)
     check_psi(cfg.attack.psi)
     if cfg.attack.split not in SPLITS:
         raise ConfigError(f"`attack.split` must be one of {', '.join(SPLITS)}, got {cfg.attack.split!r}")
@@ -118,4 +122,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     _number(cfg, "threads", lo=1, integer=True, allow_none=True)
     check_writable(cfg.out_dir, "out_dir")
     check_writable(cfg.cache_dir, "cache_dir")
+    from bench.pipeline import check_model_path
+
+    check_model_path(cfg.model)
     return {"fn": fn, "params": resolved}

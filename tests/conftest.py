@@ -4,10 +4,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread unless told otherwise (CI sets TEST_THREADS=2): tests share the 2 cores with
+# background jobs, and oversubscribed OpenMP threads slow everything down many-fold.
+os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("TEST_THREADS", "1"))
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("TEST_THREADS", "1")))
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = ROOT / "bench" / "world" / "assets" / "shapes"

@@ -1,0 +1,68 @@
+"""Figures written next to a record: ψ-curves (in the style of the paper's) and image grids."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def psi_curve_plot(curve: Sequence[dict], path: Path, title: str, gold: Sequence[dict] | None = None) -> None:
+    """P(original), retrieval rate and concept detection against ψ (forget prompts, mean).
+
+    ``gold`` overlays the gold-standard model's curves (dashed) when its record is cached: the gap
+    between the two is what the method conceals.
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    psi = [r["psi"] for r in curve]
+    styles = (("p_original", "classifier P(original)", "C0"), ("retrieval", "retrieval rate (CRS)", "C1"), ("detection", "concept detection", "C3"))
+    for key, label, colour in styles:
+        ys = [r.get(key) for r in curve]
+        if any(y is not None for y in ys):
+            ax.plot(psi, [np.nan if y is None else y for y in ys], "o-", color=colour, label=label)
+        if gold:
+            gy = [r.get(key) for r in gold]
+            if any(y is not None for y in gy):
+                ax.plot([r["psi"] for r in gold], [np.nan if y is None else y for y in gy], "--", color=colour, alpha=0.6, label=f"{label}, gold standard")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="ψ (share of the trajectory denoised by the original model)", ylabel="rate", ylim=(-0.02, 1.02), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def image_grid(rows: Sequence[np.ndarray], path: Path, row_labels: Sequence[str] | None = None, title: str | None = None, max_cols: int = 8) -> None:
+    """One row of images per entry of ``rows`` (uint8 NHWC), labelled on the left."""
+    plt = _plt()
+    rows = [r[:max_cols] for r in rows]
+    n_rows, n_cols = len(rows), max((len(r) for r in rows), default=1)
+    h, w = rows[0].shape[1:3] if n_rows else (32, 32)
+    scale = max(0.5, 1.0 * min(h, 64) / 32)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * scale * 0.9 + 1.2, n_rows * scale * 0.9 + 0.4), squeeze=False)
+    for i, r in enumerate(rows):
+        for j in range(n_cols):
+            ax = axes[i][j]
+            ax.axis("off")
+            if j < len(r):
+                ax.imshow(r[j], interpolation="nearest")
+        if row_labels:
+            axes[i][0].text(-0.15, 0.5, row_labels[i], transform=axes[i][0].transAxes, ha="right", va="center", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.subplots_adjust(left=0.18 if row_labels else 0.02, right=0.99, top=0.92 if title else 0.99, bottom=0.01, wspace=0.05, hspace=0.08)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

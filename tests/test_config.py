@@ -1,0 +1,69 @@
+"""Config composition and validation: one clear message naming key and value, before any load."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from bench.hparams import ConfigError, Range, check_params
+from bench.run import execute
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def cfg_with(*overrides):
+    with initialize_config_dir(version_base=None, config_dir=CONF):
+        return compose(config_name="config", overrides=["logger=none", *overrides])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["attack.psi=[0.1,1.5]"], "`attack.psi` values must be numbers in [0, 1], got 1.5"),
+        (["attack.psi=[0.3,0.1]"], "`attack.psi` must be sorted and without duplicates"),
+        (["attack.psi=[0.1,0.1]"], "`attack.psi` must be sorted and without duplicates"),
+        (["attack.split=middle"], "`attack.split` must be one of step, timestep, got 'middle'"),
+        (["eval.n=3"], "`eval.n` = 3 is too small"),
+        (["eval.steps=0"], "`eval.steps` must be an integer in [1, inf], got 0"),
+        (["eval.classifier.backbone=vgg"], "`eval.classifier.backbone` must be one of"),
+        (["+method.params.lr=0.1"], "`method.params.lr` is not a hyperparameter of methods.noop; allowed: none"),
+        (["out_dir=FILE/sub"], "`out_dir` must be a writable directory, got"),
+        (["model.path=/tmp"], "`model.path` must be a directory holding a diffusers pipeline"),
+        (["concept.kind=colour"], "`concept.kind` must be one of"),
+    ],
+)
+def test_bad_config_gets_one_clear_message_and_exit_2(overrides, message, capsys, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    overrides = [o.replace("FILE", str(tmp_path / "file")) for o in overrides]
+    cfg = cfg_with(f"out_dir={tmp_path}/runs", f"cache_dir={tmp_path}/cache", *overrides)
+    assert execute(cfg) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert not list((tmp_path).rglob("record.json"))
+
+
+def test_annotated_hyperparameters_are_checked():
+    from typing import Annotated, Literal
+
+    def unlearn(pipe, concept, *, lr: Annotated[float, Range(gt=0)] = 1e-5, steps: Annotated[int, Range(ge=1)] = 10,
+                variant: Literal["a", "b"] = "a", name: str | None = None):
+        return {}
+
+    assert check_params(unlearn, {"lr": 1e-3}) == {"lr": 1e-3, "steps": 10, "variant": "a", "name": None}
+    with pytest.raises(ConfigError, match=r"`method.params.lr` must be float and > 0, got -1"):
+        check_params(unlearn, {"lr": -1})
+    with pytest.raises(ConfigError, match=r"`method.params.steps` must be int and >= 1, got 0"):
+        check_params(unlearn, {"steps": 0})
+    with pytest.raises(ConfigError, match=r"`method.params.variant` must be one of 'a', 'b', got 'c'"):
+        check_params(unlearn, {"variant": "c"})
+    with pytest.raises(ConfigError, match=r"`method.params.lrr` is not a hyperparameter .*allowed: lr, name, steps, variant"):
+        check_params(unlearn, {"lrr": 1})
+
+
+def test_unknown_group_option_fails_before_loading(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bench", "method=nope", "logger=none", f"out_dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "method/nope" in r.stderr and "Available options" in r.stderr
