@@ -13,9 +13,11 @@ EVAL ?= quick
 MODEL ?= shapes
 PART ?= all
 ARGS ?=
+LAUNCHER ?=
+SWEEP_DIR ?= multirun/sweep-$(METHOD)-$(CONCEPT)
 
 .DEFAULT_GOAL := help
-.PHONY: help install world world-check bench test test-slow lint clean
+.PHONY: help install world world-check throughput bench perf sweep leaderboard test test-slow lint clean
 
 help: ## Show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z_-]+:.*## /{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -27,13 +29,27 @@ install: ## Create .venv and install the project with its dev extras (torch 2.14
 	$(PY) -m pip install -q -e ".[dev]" "torch==2.14.1" "torchvision==0.29.1"
 
 world: ## Rebuild the Shapes world (PART=all|vae|detector|base|gold [CONCEPT=star]); resumes from checkpoints
-	$(PY) -m bench.world build --part $(PART) $(if $(filter gold,$(PART)),--concept $(CONCEPT)) $(ARGS)
+	$(PY) -m bench.world build --part $(PART) $(if $(and $(filter gold,$(PART)),$(filter command line,$(origin CONCEPT))),--concept $(CONCEPT)) $(ARGS)
 
 world-check: ## Print the Shapes world's fidelity table from the shipped files
 	$(PY) -m bench.world check $(ARGS)
 
 bench: ## Run one benchmark job: make bench METHOD=esd CONCEPT=star EVAL=quick [ARGS="key=value ..."]
 	$(PY) -m bench method=$(METHOD) concept=$(CONCEPT) eval=$(EVAL) model=$(MODEL) $(ARGS)
+
+throughput: ## Benchmark the Shapes base model's generation speed (images/s, batch 64, CFG)
+	$(PY) -m bench.world throughput $(ARGS)
+
+perf: ## Attack-engine benchmark: our snapshot engine vs the authors' naive loop (NFE, wall time)
+	$(PY) -m bench.perf $(ARGS)
+
+sweep: ## Hyperparameter sweep (Hydra multirun) + report: make sweep METHOD=uce [CONCEPT=star] [LAUNCHER=local|slurm]
+	$(PY) -m bench -m +sweep=$(METHOD) concept=$(CONCEPT) eval=$(EVAL) model=$(MODEL) hydra.sweep.dir=$(SWEEP_DIR) \
+		$(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(if $(filter local,$(LAUNCHER)),threads=1) $(ARGS)
+	$(PY) -m bench.sweep_report $(SWEEP_DIR)
+
+leaderboard: ## Build the static leaderboard (site, LEADERBOARD.md, results.csv) from runs/ and leaderboard/results/ [ARGS=--strict]
+	$(PY) -m leaderboard build $(ARGS)
 
 test: ## Run the fast test suite
 	$(PY) -m pytest -q

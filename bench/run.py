@@ -302,6 +302,18 @@ class Job:
         return {"psi_curve_png": "psi_curve.png", "grid_o": "grid_lambda_o.png", "grid_u": "grid_lambda_u.png", "grid_p": "grid_lambda_p.png"}
 
 
+def _hydra_pointer(rec_path: Path, status: str) -> None:
+    """Leave ``result.json`` in the Hydra job directory: how sweep reports find each job's record."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return
+    out = Path(hc.runtime.output_dir)
+    write_json(out / "result.json", {"record": str(rec_path.resolve()), "status": status, "overrides": list(hc.overrides.task)})
+
+
 def _peak_memory_mb() -> float:
     mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
@@ -331,6 +343,7 @@ def execute(cfg: DictConfig) -> int:
     old = read_record(rec_path)
     if old and old.get("status") == "ok" and not cfg.overwrite:
         log(f"finished job {job.key} exists: {rec_path} (overwrite=true to re-run)")
+        _hydra_pointer(rec_path, "ok")
         print(rec_path)
         return 0
     if cfg.overwrite and job.dir.exists():
@@ -377,6 +390,7 @@ def execute(cfg: DictConfig) -> int:
                   "unlearn": {k: v for k, v in report.items() if k not in ("loss_history",)},
                   "cost": cost, "artifacts": artifacts, "wandb": tracker.url}
         write_json(rec_path, record)
+        _hydra_pointer(rec_path, "ok")
         tracker.log_record(record, job.dir)
         summary = {k: (metrics.get(k) or retain.get(k) or {}).get("value") for k in ("erasure", "ccs", "crs", "crs_paper", "psi_recover")}
         summary["retention"] = retain.get("retention", {}).get("value")
@@ -392,6 +406,7 @@ def execute(cfg: DictConfig) -> int:
     except Exception as e:  # noqa: BLE001 — a failed job leaves a failed record and a non-zero exit
         failed = True
         write_json(rec_path, {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+        _hydra_pointer(rec_path, "failed")
         log(f"FAILED: {type(e).__name__}: {e} (record: {rec_path})")
         return 1
     finally:

@@ -102,21 +102,24 @@ def _check_header(data: dict, version: int) -> str | None:
     if got is _MISSING:
         return "missing `schema_version`"
     if got != version or isinstance(got, bool):
-        return f"unknown schema_version {got!r} (this build reads {version})"
+        return f"unknown schema_version {_show(got)} (this build reads {version})"
     status = data.get("status")
     if status == "failed":
         return f"status: failed ({data.get('error') or 'the record gives no error message'})"
     if status != "ok":
-        return f"`status` must be 'ok' or 'failed', got {status!r}"
+        return f'`status` must be "ok" or "failed", got {_show(status)}'
     key = data.get("job_key")
     if not isinstance(key, str) or not _JOB_KEY.match(key):
-        return f"`job_key` must be 1-64 characters from [A-Za-z0-9_.-], got {key!r}"
+        return f"`job_key` must be 1-64 characters from [A-Za-z0-9_.-], got {_show(key)}"
     for dotted in _IDENTITY:
         value = lookup(data, dotted)
         if not isinstance(value, str) or not value:
             return f"`{dotted}` must be a non-empty string, got {_show(value)}"
-    if not isinstance(data.get("protocol"), dict):
-        return "`protocol` must be an object"
+    for section in ("model", "concept", "method", "protocol"):
+        try:  # these are shown and embedded as they are: no NaN/Infinity, which JSON cannot carry
+            json.dumps(data[section], allow_nan=False)
+        except ValueError:
+            return f"`{section}` contains NaN or Infinity"
     return None
 
 
@@ -157,7 +160,7 @@ def _metric_problem(data: dict, dotted: str, required: bool, nullable: bool) -> 
     if not _is_number(raw):
         return f"`{dotted}` must be a number, got {_show(raw)}"
     if not math.isfinite(raw):
-        return f"`{dotted}` is {raw}"
+        return f"`{dotted}` is {'NaN' if math.isnan(raw) else 'infinite'}"
     return None
 
 
@@ -210,9 +213,9 @@ def _check_artifacts(record: Record, schema: dict) -> tuple[dict[str, Path], lis
         if path is None or Path(rel).is_absolute() or not path.is_relative_to(base):
             warnings.append(f"artifact `{key}` ({_show(rel)}) must be a path inside the record's folder; not shown")
         elif path.suffix.lower() not in schema["artifact_extensions"]:
-            warnings.append(f"artifact `{key}` ({rel!r}) is not an image ({', '.join(schema['artifact_extensions'])}); not shown")
+            warnings.append(f"artifact `{key}` ({_show(rel)}) is not an image ({', '.join(schema['artifact_extensions'])}); not shown")
         elif not path.is_file():
-            warnings.append(f"artifact `{key}` ({rel!r}) not found; not shown")
+            warnings.append(f"artifact `{key}` ({_show(rel)}) not found; not shown")
         else:
             found[key] = path
     return found, warnings
@@ -226,18 +229,13 @@ def dedupe(records: list[Record], preferred_label: str) -> tuple[list[Record], l
         by_key[r.data["job_key"]].append(r)
     kept, issues = [], []
     for copies in by_key.values():
-        copies.sort(key=lambda r: (-_created_rank(r, copies),
-                                   not r.source.startswith(preferred_label + "/"), r.source))
+        copies.sort(key=lambda r: (not r.source.startswith(preferred_label + "/"), r.source))
+        copies.sort(key=lambda r: str(r.data.get("created") or ""), reverse=True)  # stable
         kept.append(copies[0])
         for dup in copies[1:]:
-            issues.append(Issue(dup.source, f"duplicate job_key {dup.data['job_key']!r}; "
+            issues.append(Issue(dup.source, f"duplicate job_key {_show(dup.data['job_key'])}; "
                                             f"{copies[0].source} is shown instead", "info"))
     return sorted(kept, key=lambda r: r.source), issues
-
-
-def _created_rank(record: Record, copies: list[Record]) -> int:
-    stamps = sorted({str(r.data.get("created") or "") for r in copies})
-    return stamps.index(str(record.data.get("created") or ""))
 
 
 def check_protocols(records: list[Record]) -> tuple[list[Record], list[Issue]]:
@@ -251,7 +249,7 @@ def check_protocols(records: list[Record]) -> tuple[list[Record], list[Issue]]:
         if r is not ref and r.data["protocol"] != ref.data["protocol"]:
             diff = sorted(k for k in set(r.data["protocol"]) | set(ref.data["protocol"])
                           if r.data["protocol"].get(k) != ref.data["protocol"].get(k))
-            issues.append(Issue(r.source, f"protocol hash {h!r} is shared with {ref.source} but the "
+            issues.append(Issue(r.source, f"protocol hash {_show(h)} is shared with {ref.source} but the "
                                           f"settings differ ({', '.join(diff)}); left out"))
             continue
         kept.append(r)
@@ -272,8 +270,8 @@ def _protocol_splits(records: list[Record]) -> list[Issue]:
         top = max(counts.values())
         if counts[h] < top or list(counts.values()).count(top) > 1:
             others = ", ".join(f"{k} ({n} record{'s' * (n != 1)})" for k, n in sorted(counts.items()) if k != h)
-            issues.append(Issue(r.source, f"protocol hash {h!r} differs from other records of model "
-                                          f"{model!r}: {others}; ranked separately, not comparable",
+            issues.append(Issue(r.source, f"protocol hash {_show(h)} differs from other records of model "
+                                          f"{_show(model)}: {others}; ranked separately, not comparable",
                                 "warning"))
     return issues
 

@@ -22,6 +22,7 @@ class Ranking:
     model: dict
     protocol: dict
     records: list[Record]
+    golds: dict[str, Record] = field(default_factory=dict)  # concept → its gold-standard record
     rows: list[dict] = field(default_factory=list)
 
 
@@ -48,10 +49,10 @@ def make_rankings(records: list[Record], schema: dict) -> list[Ranking]:
     for i, key in enumerate(sorted(groups), start=1):
         recs = sorted(groups[key], key=lambda r: r.source)
         ranking = Ranking(f"ranking-{i}", recs[0].data["model"], recs[0].data["protocol"], recs)
-        golds = {r.data["concept"]["name"]: r for r in recs if reference_of(r, schema) == "gold"}
+        ranking.golds = {r.data["concept"]["name"]: r for r in recs if reference_of(r, schema) == "gold"}
         for r in recs:
             for cls in CLASSES:
-                ranking.rows.append(make_row(r, cls, ranking, golds.get(r.data["concept"]["name"]), schema))
+                ranking.rows.append(make_row(r, cls, ranking, ranking.golds.get(r.data["concept"]["name"]), schema))
         ranking.rows.sort(key=lambda row: _rank_key(row, schema))
         for n, row in enumerate(ranking.rows):
             row["order"] = n
@@ -82,7 +83,7 @@ def make_row(record: Record, cls: str, ranking: Ranking, gold: Record | None, sc
         "id": f"{d['job_key']}-{cls}", "record": d["job_key"], "ranking": ranking.id,
         "concept": d["concept"]["name"], "method": d["method"]["name"],
         "variant": d["method"].get("variant") if isinstance(d["method"].get("variant"), str) else None,
-        "display": method_display(d), "class": cls, "reference": ref,
+        "display": method_display(d), "show_variant": _show_variant(d), "class": cls, "reference": ref,
         "verdict": verdict(cls, ref, values, "gold_psi_recover" in values, psi_max(ranking.protocol),
                            schema["verdict"]),
         "values": values, "cells": cells, "curve": curve,
@@ -151,6 +152,13 @@ def method_display(data: dict) -> str:
     return m["name"]
 
 
+def _show_variant(data: dict) -> bool:
+    """Show the variant beside the display name only when it adds something (esd-x, not uce)."""
+    m = data["method"]
+    v = m.get("variant")
+    return isinstance(v, str) and bool(v) and v.lower() not in (method_display(data).lower(), m["name"].lower())
+
+
 def _value(data: dict, src: str) -> tuple[bool, Any, dict]:
     raw = lookup(data, src)
     if raw is _MISSING:
@@ -200,3 +208,32 @@ def _rank_key(row: dict, schema: dict) -> tuple:
     sign = -1.0 if better(col, row["class"]) == "higher" else 1.0
     return (row["concept"], CLASSES.index(row["class"]), ref, v is None,
             sign * v if v is not None else 0.0, row["display"], row["variant"] or "", row["record"])
+
+
+def arrows(column: dict) -> str:
+    """The column header's direction mark: ``↑``, ``↓`` or per class (``F↓ R↑``)."""
+    sym = {"higher": "↑", "lower": "↓"}
+    b = column.get("better", "none")
+    if isinstance(b, dict):
+        return " ".join(f"{cls[0].upper()}{sym[d]}" for cls, d in b.items() if d in sym)
+    return sym.get(b, "")
+
+
+def direction_text(column: dict) -> str:
+    """The direction in words, for the definitions ("forget: lower is better; …")."""
+    words = {"higher": "higher is better", "lower": "lower is better"}
+    b = column.get("better", "none")
+    if isinstance(b, dict):
+        return "; ".join(f"{cls}: {words[d]}" for cls, d in b.items() if d in words)
+    return words.get(b, "")
+
+
+def setting_text(v: Any) -> str:
+    """A protocol or concept setting as one line of text (lists and dicts flattened)."""
+    if isinstance(v, list):
+        return ", ".join(setting_text(x) for x in v)
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {setting_text(x)}" for k, x in v.items())
+    if v is None or isinstance(v, bool):
+        return {None: "none", True: "true", False: "false"}[v]
+    return str(v)
