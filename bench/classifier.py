@@ -136,8 +136,8 @@ def _unwrap_trunk(init_trunk: nn.Module | None, preprocess: Preprocess | None) -
 
 def _build(
     cfg: ClassifierConfig, init_trunk: nn.Module | None, preprocess: Preprocess | None, from_file: bool
-) -> tuple[_Net, Preprocess, int | None]:
-    """Build g for ``cfg.backbone`` (feature dim None = infer from the trunk). When loading a
+) -> tuple[nn.Module, Preprocess, int | None]:
+    """Build g's trunk for ``cfg.backbone`` (feature dim None = infer from the trunk). When loading a
     saved g (``from_file``) nothing is downloaded: every weight comes from the file."""
     if cfg.backbone == "detector_trunk":
         trunk, preprocess = _unwrap_trunk(init_trunk, preprocess)
@@ -345,7 +345,7 @@ def train_classifier(
         batches = _batches(rng.permutation(train_idx), cfg.batch_size)
         for batch in batches:
             same = [by_class[labels[a]] for a in batch]
-            pos = np.array([rng.choice(s[s != a]) for a, s in zip(batch, same)])
+            pos = np.array([rng.choice(s[s != a]) for a, s in zip(batch, same, strict=True)])
             neg = np.stack([rng.choice(by_class[1 - labels[a]], cfg.negatives, replace=False) for a in batch])
             f_a, f_p = fwd(batch), fwd(pos)
             f_n = fwd(neg.ravel()).view(len(batch), cfg.negatives, -1)

@@ -83,12 +83,16 @@ def check_eval(cfg: DictConfig) -> None:
     _number(cfg, "eval.classifier.val_frac", lo=0.01, hi=0.9)
     _number(cfg, "eval.classifier.margin", lo=0)
     _number(cfg, "eval.classifier.negatives", lo=1, integer=True)
-    # The paper's split: 80/20 of 2n images; each class needs ≥ 2 validation and ≥ negatives+2 training images.
-    n, vf, neg = cfg.eval.n, cfg.eval.classifier.val_frac, cfg.eval.classifier.negatives
-    n_val = int(math.floor(vf * n))
-    if n_val < 2 or n - n_val < neg + 2:
-        need = max(math.ceil(2 / vf), neg + 2 + math.ceil(2 / vf))
-        raise ConfigError(f"`eval.n` = {n} is too small for the classifier's {1 - vf:.0%}/{vf:.0%} split with {neg} negatives; need at least {need}")
+    # The paper's split: 80/20 of the n images per class; each class needs ≥ 2 validation and
+    # ≥ negatives + 2 training images (the triplet loss draws a positive and `negatives` negatives).
+    from bench.classifier import ClassifierConfig, min_images_per_class
+
+    c = cfg.eval.classifier
+    need = min_images_per_class(ClassifierConfig(val_frac=float(c.val_frac), negatives=int(c.negatives)))
+    if cfg.eval.n < need:
+        raise ConfigError(f"`eval.n` = {cfg.eval.n} is too small for the classifier's {1 - c.val_frac:.0%}/{c.val_frac:.0%} split with {c.negatives} negatives; need at least {need}")
+    if cfg.eval.attack_seeds < 2:
+        raise ConfigError(f"`eval.attack_seeds` must be at least 2 (KID and the bootstrap intervals need two attacked images per ψ), got {cfg.eval.attack_seeds}")
 
 
 def check_writable(path: str, key: str = "out_dir") -> None:
@@ -122,7 +126,8 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     _number(cfg, "threads", lo=1, integer=True, allow_none=True)
     check_writable(cfg.out_dir, "out_dir")
     check_writable(cfg.cache_dir, "cache_dir")
-    from bench.pipeline import check_model_path
+    from bench.pipeline import check_model_options, check_model_path
 
+    check_model_options(cfg.model)
     check_model_path(cfg.model)
     return {"fn": fn, "params": resolved}

@@ -86,7 +86,7 @@ def bootstrap_ci(
     else:
         idxs = [rng.integers(0, len(a), size=(n_boot, len(a))) for a in arrays]
         reps = np.array(
-            [_as_float(statistic(*(a[ix[b]] for a, ix in zip(arrays, idxs)))) for b in range(n_boot)]
+            [_as_float(statistic(*(a[ix[b]] for a, ix in zip(arrays, idxs, strict=True)))) for b in range(n_boot)]
         )
     reps = reps[np.isfinite(reps)]
     if reps.size == 0:
@@ -120,7 +120,7 @@ def _by_psi(values_by_psi: Mapping[float, np.ndarray], name: str, feature_dim: b
         arrs.append(a)
     counts = {len(a) for a in arrs}
     if len(counts) != 1:
-        got = {p: len(a) for p, a in zip(psis, arrs)}
+        got = {p: len(a) for p, a in zip(psis, arrs, strict=True)}
         raise ValueError(f"`{name}`: every ψ needs the same attacked seeds, got image counts {got}")
     return psis, np.stack(arrs, axis=1)
 
