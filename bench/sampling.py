@@ -65,7 +65,7 @@ class SamplerConfig:
             raise ValueError(f"`eval.eta` must be in [0, 1], got {self.eta!r}")
 
     @property
-    def cfg(self) -> bool:
+    def uses_cfg(self) -> bool:
         """Whether classifier-free guidance runs (the stock pipeline's ``guidance_scale > 1``)."""
         return self.guidance > 1.0
 
@@ -82,7 +82,7 @@ def check_psi_grid(psis: Sequence[float]) -> list[float]:
     for p in values:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
             raise ValueError(f"`attack.psi` values must be numbers in [0, 1], got {p!r} in {values}")
-    if any(b <= a for a, b in zip(values, values[1:])):
+    if any(b <= a for a, b in zip(values, values[1:], strict=False)):
         raise ValueError(f"`attack.psi` must be sorted and without duplicates, got {values}")
     return [float(p) for p in values]
 
@@ -154,7 +154,7 @@ def _same(a, b) -> bool:
         return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
                 and np.array_equal(a, b))
     if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return type(a) is type(b) and a == b
 
 
@@ -321,13 +321,13 @@ def _device(pipe) -> torch.device:
 
 def _embeddings(pipe, prompt: str, cfg: SamplerConfig, device) -> torch.Tensor:
     """(uncond, cond) text embeddings of one image, stacked; "" is the unconditional prompt."""
-    cond, uncond = pipe.encode_prompt(prompt, device, 1, cfg.cfg, None)
-    return torch.cat([uncond, cond]) if cfg.cfg else cond
+    cond, uncond = pipe.encode_prompt(prompt, device, 1, cfg.uses_cfg, None)
+    return torch.cat([uncond, cond]) if cfg.uses_cfg else cond
 
 
 def _batch_embeddings(emb: torch.Tensor, rows: int, cfg: SamplerConfig) -> torch.Tensor:
     # The stock pipeline's layout: [uncond × rows, cond × rows], each repeated per image.
-    parts = emb.chunk(2) if cfg.cfg else (emb,)
+    parts = emb.chunk(2) if cfg.uses_cfg else (emb,)
     return torch.cat([p.repeat(rows, 1, 1) for p in parts])
 
 
@@ -358,12 +358,12 @@ def _denoise(unet, sched, latents, emb, gens, start: int, stop: int, cfg: Sample
     kwargs = _step_kwargs(sched, gens, cfg.eta)
     for i in range(start, stop):
         t = sched.timesteps[i]
-        x = torch.cat([latents] * 2) if cfg.cfg else latents
+        x = torch.cat([latents] * 2) if cfg.uses_cfg else latents
         x = sched.scale_model_input(x, t)
         eps = unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
         if counter is not None:
             counter.add(x.shape[0], stage)
-        if cfg.cfg:
+        if cfg.uses_cfg:
             eps_uncond, eps_text = eps.chunk(2)
             eps = eps_uncond + cfg.guidance * (eps_text - eps_uncond)
         latents = sched.step(eps, t, latents, **kwargs, return_dict=False)[0]
@@ -424,7 +424,8 @@ def prefix_snapshots(pipe, unet_theta, prompt: str, seeds: Sequence[int], psis: 
     seeds, psis = check_seeds(seeds), check_psi_grid(psis)
     device = _device(pipe)
     emb = _embeddings(pipe, prompt, cfg, device)
-    steps_of = {p: prefix_steps(make_scheduler(pipe, cfg.steps), p, cfg.split) for p in psis}
+    template = make_scheduler(pipe, cfg.steps)
+    steps_of = {p: prefix_steps(template, p, cfg.split) for p in psis}
     stops = sorted(set(steps_of.values()))
     batches = _batches(len(seeds), cfg.batch_size)
     parts: dict[int, list] = {k: [] for k in stops}  # step → [(latents, scheduler copy, generator states)]

@@ -33,7 +33,7 @@ def sd_scheduler(name: str = "ddim"):
     raise ValueError(f"`scheduler` must be one of {list(SCHEDULERS)}, got {name!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer(text_len: int):
     # Built once per process and length: deriving the 49408-token BPE vocabulary takes ~1 s.
     from bench.world.tokenizer import build_clip_tokenizer

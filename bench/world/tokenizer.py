@@ -30,9 +30,13 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _bpe_file() -> Path:
-    import open_clip
+    import importlib.util
 
-    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    # Locate open_clip's package directory without importing it (its import pulls in timm/wandb).
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("open_clip_torch is not installed; it ships the CLIP BPE vocabulary")
+    path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
     if not path.exists():
         raise FileNotFoundError(f"open_clip does not ship its BPE vocabulary at {path}")
     return path
