@@ -21,7 +21,7 @@ def _build(args: argparse.Namespace) -> None:
     torch.set_num_threads(cfg.threads)
     out = cfg.out_dir
     parts = ["vae", "detector", "base", "gold"] if args.part == "all" else [args.part]
-    concepts = [args.concept] if args.concept else sorted(cfg.gold_concepts)
+    concepts = [args.concept] if args.concept else list(cfg.gold_concepts)
     for c in concepts:
         if c not in cfg.gold_concepts:
             sys.exit(f"error: --concept must be one of {sorted(cfg.gold_concepts)}, got {c!r}")

@@ -41,8 +41,8 @@ class BuildConfig:
     detector_steps: int = 1000
     detector_batch: int = 128
     detector_lr: float = 2e-3
-    unet_steps: int = 5500
-    gold_steps: int = 4500
+    unet_steps: int = 7000
+    gold_steps: int = 3200
     unet_batch: int = 64
     unet_lr: float = 1e-3
     warmup: int = 200
