@@ -9,8 +9,10 @@ with the same numbers), and a finished job is skipped unless ``overwrite=true``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import random
 import resource
 import shutil
@@ -28,8 +30,26 @@ from bench import metrics as M
 from bench.cache import Cache, load_entry, save_entry
 from bench.config import validate
 from bench.hparams import ConfigError
-from bench.pipeline import DeltaError, apply_delta, load_pipeline, resolve_device, save_delta, snapshot_state, state_hash
-from bench.record import SCHEMA_VERSION, environment, job_key, now, protocol, read_record, write_json
+from bench.pipeline import (
+    DeltaError,
+    apply_delta,
+    autocast_dtype,
+    describe_pipeline,
+    load_pipeline,
+    resolve_device,
+    save_delta,
+    snapshot_state,
+    state_hash,
+)
+from bench.record import (
+    SCHEMA_VERSION,
+    environment,
+    job_key,
+    now,
+    protocol,
+    read_record,
+    write_json,
+)
 
 ATTACK_SEED_OFFSET = 100_000  # attacked seeds are disjoint from the λ_O/λ_U seeds 0..N−1 (DESIGN §1.2)
 
@@ -52,10 +72,15 @@ class Job:
         from bench.worlds import build_concept, build_detector
 
         self.cfg, self.fn, self.params = cfg, fn, params
+        # Methods that cache their own data (FMN's generated concept images, CA's anchor images) use it.
+        os.environ["CONCEALBENCH_CACHE"] = str(Path(cfg.cache_dir).resolve())
         self.device = resolve_device(cfg.device)
         self.concept = build_concept(cfg)
         self.detector = build_detector(cfg)
-        self.sampler = SamplerConfig(steps=int(cfg.eval.steps), guidance=float(cfg.eval.guidance), batch_size=int(cfg.eval.batch_size), split=cfg.attack.split)
+        # model.max_batch_size caps eval.batch_size so a world's batches fit its GPU (SD: 24 GB)
+        batch = min(int(cfg.eval.batch_size), int(cfg.model.get("max_batch_size") or cfg.eval.batch_size))
+        self.sampler = SamplerConfig(steps=int(cfg.eval.steps), guidance=float(cfg.eval.guidance), batch_size=batch, split=cfg.attack.split)
+        self.precision = autocast_dtype(cfg.model, self.device)  # None = fp32 (always on the CPU)
         self.counter = NFECounter()
         self.cache = Cache(cfg.cache_dir)
         self.psis = [float(p) for p in cfg.attack.psi]
@@ -74,7 +99,8 @@ class Job:
                                       **{f"vae.{k}": v for k, v in self.pipe.vae.state_dict().items()}})
         self.unet_hash = state_hash(self.base_state)
         det = self.detector.describe() if self.detector is not None else None
-        self.protocol = protocol(self.cfg, self.model_hash, type(self.pipe.scheduler).__name__, det)
+        self.protocol = protocol(self.cfg, self.model_hash, type(self.pipe.scheduler).__name__, det, precision=self.precision)
+        self.pipeline_info = describe_pipeline(self.pipe, self.cfg.model, self.device)
         self.key = job_key(self.cfg.model.name, self.concept.name, self.cfg.method.name, self.params, self.protocol["hash"], int(self.cfg.seed))
         self.dir = Path(self.cfg.out_dir) / self.cfg.model.name / self.concept.name / self.cfg.method.name / self.key
         self.timings["load"] = time.time() - t
@@ -98,10 +124,16 @@ class Job:
             self.pipe.unet = star
             star.requires_grad_(False)
             seed_everything(int(self.cfg.seed))
+            offload = self.device.type == "cuda"  # θ waits on the CPU: full-UNet Adam (ESD-u, FMN) needs the room
+            if offload:
+                self.theta.to("cpu")
+                torch.cuda.empty_cache()
             try:
                 report = dict(self.fn(self.pipe, self.concept, **self.params) or {})
             finally:
                 self.pipe.unet = self.theta
+                if offload:
+                    self.theta.to(self.device)
             report["seconds"] = time.time() - t
             names = save_delta(delta, self.base_state, star, {
                 "method": self.cfg.method.name, "concept": self.concept.name, "params": self.params,
@@ -120,14 +152,25 @@ class Job:
         return report
 
     # ------------------------------------------------------------------ images
+    def amp(self):
+        """Autocast (``model.autocast``, CUDA only) for sampling, the attack and decoding; methods run outside it."""
+        if self.precision is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.precision))
+
+    def _precision_key(self) -> dict:
+        # fp16 images differ from fp32 ones: cached λ_O sets and snapshots must not mix (absent = fp32).
+        return {"precision": self.precision} if self.precision else {}
+
     def _images(self, unet, prompt: str, seeds: list[int]) -> np.ndarray:
         from bench.sampling import decode, generate
 
-        return decode(self.pipe, generate(self.pipe, unet, prompt, seeds, self.sampler, self.counter), self.sampler.batch_size)
+        with self.amp():
+            return decode(self.pipe, generate(self.pipe, unet, prompt, seeds, self.sampler, self.counter), self.sampler.batch_size)
 
     def lambda_o(self, prompt: str, seeds: list[int]) -> np.ndarray:
         """λ_O for a prompt from the shared cache (depends on the base model and protocol only)."""
-        key = {"model": self.model_hash, "prompt": prompt, "seeds": seeds, "sampler": self.sampler.as_metadata()}
+        key = {"model": self.model_hash, "prompt": prompt, "seeds": seeds, "sampler": self.sampler.as_metadata(), **self._precision_key()}
 
         def compute():
             before = self.counter.total
@@ -142,11 +185,13 @@ class Job:
         """θ-prefix snapshots at every ψ, computed once per (model, prompt, seeds, protocol)."""
         from bench.sampling import Snapshot, prefix_snapshots
 
-        key = {"model": self.model_hash, "prompt": prompt, "seeds": seeds, "psi": self.psis, "sampler": self.sampler.as_metadata()}
+        key = {"model": self.model_hash, "prompt": prompt, "seeds": seeds, "psi": self.psis, "sampler": self.sampler.as_metadata(),
+               **self._precision_key()}
 
         def compute():
             before = self.counter.total
-            snaps = prefix_snapshots(self.pipe, self.theta, prompt, seeds, self.psis, self.sampler, self.counter)
+            with self.amp():
+                snaps = prefix_snapshots(self.pipe, self.theta, prompt, seeds, self.psis, self.sampler, self.counter)
             tensors, meta = {}, {"nfe": self.counter.total - before, "snapshots": {}}
             for i, p in enumerate(self.psis):
                 tensors.update({f"{i}/{k}": v for k, v in snaps[p].to_tensors().items()})
@@ -178,14 +223,16 @@ class Job:
             t_gen, nfe_u = time.time() - t, self.counter.total - before
             snaps, nfe_prefix = self.snapshots(prompt, att_seeds)
             t, before = time.time(), self.counter.total
-            lam_p = attack(self.pipe, self.theta, self.star, prompt, att_seeds, self.psis, self.sampler, snapshots=snaps, counter=self.counter)
+            with self.amp():
+                lam_p = attack(self.pipe, self.theta, self.star, prompt, att_seeds, self.psis, self.sampler, snapshots=snaps, counter=self.counter)
             tensors = {"u": torch.from_numpy(images_u), **{f"p{k}": torch.from_numpy(lam_p[p]) for k, p in enumerate(self.psis)}}
             meta = {"prompt": prompt, "seconds_generate": t_gen, "seconds_attack": time.time() - t,
                     "nfe_u": nfe_u, "nfe_continue": self.counter.total - before, "nfe_prefix": nfe_prefix}
             if self.cfg.attack.paper_seed is not None:
                 seed42 = [int(self.cfg.attack.paper_seed)]
                 snaps42, _ = self.snapshots(prompt, seed42)
-                lam42 = attack(self.pipe, self.theta, self.star, prompt, seed42, self.psis, self.sampler, snapshots=snaps42, counter=self.counter)
+                with self.amp():
+                    lam42 = attack(self.pipe, self.theta, self.star, prompt, seed42, self.psis, self.sampler, snapshots=snaps42, counter=self.counter)
                 tensors.update({f"s42_{k}": torch.from_numpy(lam42[p]) for k, p in enumerate(self.psis)})
             save_entry(path, tensors, meta)
         out = {"o": images_o, "u": tensors["u"].numpy(), "p": {p: tensors[f"p{k}"].numpy() for k, p in enumerate(self.psis)}, "meta": meta}
@@ -204,7 +251,7 @@ class Job:
 
         n, seed = int(self.cfg.eval.n), int(self.cfg.seed)
         t = time.time()
-        c = OmegaConf.to_container(self.cfg.eval.classifier)
+        c = OmegaConf.to_container(self.cfg.eval.classifier, resolve=True)
         ccfg = ClassifierConfig(**c, seed=seed * 1000 + i)
         init = self.detector.det if (c["backbone"] == "detector_trunk" and self.detector is not None) else None
         if c["backbone"] == "detector_trunk" and init is None:
@@ -227,6 +274,10 @@ class Job:
             f42 = {p: clf.features(x) for p, x in imgs["p42"].items()}
             m["ccs_seed42"] = M.ccs(p42, seed=seed)
             m["crs_paper_seed42"] = M.crs_paper(f42, f_o, f_u, retain=cls == "retain", seed=seed)
+        if hasattr(self.detector, "clip_score"):  # SD worlds: prompt alignment of θ* and θ images (CLIP score)
+            for tag, x in (("u", imgs["u"][:n]), ("o", imgs["o"][:n])):
+                sc = self.detector.clip_score(x, prompt)
+                m[f"clip_score_{tag}"] = M.Metric(value=float(sc.mean()), ci=M.bootstrap_ci(sc, seed=seed), n=len(sc))
         curve_det: list[float | None] = [None] * len(self.psis)
         if self.detector is not None:
             hits = (lambda x: self.detector.concept_hits(x, self.concept)) if cls == "forget" else (lambda x: self.detector.prompt_hits(x, prompt))
@@ -353,7 +404,8 @@ def execute(cfg: DictConfig) -> int:
     tracker = Tracker(cfg, job.key, job.dir, config)
     base = {
         "schema_version": SCHEMA_VERSION, "job_key": job.key, "created": now(),
-        "model": {"name": cfg.model.name, "id": cfg.model.id, "revision": cfg.model.get("revision"), "hash": job.model_hash, "world": cfg.model.world},
+        "model": {"name": cfg.model.name, "id": cfg.model.id, "revision": cfg.model.get("revision"), "hash": job.model_hash, "world": cfg.model.world,
+                  "pipeline": job.pipeline_info},
         "concept": job.concept.to_dict(),
         "method": {"name": cfg.method.name, "display": cfg.method.get("display"), "variant": job.params.get("variant"), "params": job.params, "reference": cfg.method.get("reference")},
         "protocol": job.protocol, "seed": int(cfg.seed), "config": config, "env": environment(),
