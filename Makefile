@@ -17,7 +17,7 @@ LAUNCHER ?=
 SWEEP_DIR ?= multirun/sweep-$(METHOD)-$(CONCEPT)
 
 .DEFAULT_GOAL := help
-.PHONY: help install world world-check throughput bench perf sweep leaderboard test test-slow lint clean
+.PHONY: help install world world-check throughput bench perf gpu-smoke sweep leaderboard test test-slow lint clean
 
 help: ## Show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z_-]+:.*## /{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -26,7 +26,7 @@ install: ## Create .venv and install the project with its dev extras (torch 2.14
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install -q -e ".[dev]" "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -q -e ".[dev,sd]" "torch==2.14.1" "torchvision==0.29.1"
 
 world: ## Rebuild the Shapes world (PART=all|vae|detector|base|gold [CONCEPT=star]); resumes from checkpoints
 	$(PY) -m bench.world build --part $(PART) $(if $(and $(filter gold,$(PART)),$(filter command line,$(origin CONCEPT))),--concept $(CONCEPT)) $(ARGS)
@@ -42,6 +42,9 @@ throughput: ## Benchmark the Shapes base model's generation speed (images/s, bat
 
 perf: ## Attack-engine benchmark: our snapshot engine vs the authors' naive loop (NFE, wall time)
 	$(PY) -m bench.perf $(ARGS)
+
+gpu-smoke: ## Every stage on a random-weight SD-v1.4-architecture pipeline: time, peak memory, paper_table estimate (ARGS="--tiny" on a CPU)
+	$(PY) -m bench.gpu_smoke $(ARGS)
 
 sweep: ## Hyperparameter sweep (Hydra multirun) + report: make sweep METHOD=uce [CONCEPT=star] [LAUNCHER=local|slurm]
 	$(PY) -m bench -m +sweep=$(METHOD) concept=$(CONCEPT) eval=$(EVAL) model=$(MODEL) hydra.sweep.dir=$(SWEEP_DIR) \

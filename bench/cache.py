@@ -58,8 +58,20 @@ class Cache:
 def save_entry(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"meta": canonical(meta)})
+    save_file(_unshared(tensors), str(tmp), metadata={"meta": canonical(meta)})
     os.replace(tmp, path)
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, copying any that shares storage with an earlier one (safetensors refuses
+    shared storage; θ-prefix snapshots that fall on the same step share their tensors)."""
+    seen, out = set(), {}
+    for k, v in tensors.items():
+        v = v.contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
 
 
 def load_entry(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

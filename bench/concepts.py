@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.hparams import ConfigError
+from bench.prompts import load_prompts
 
 KINDS = ("object", "style", "attribute", "nudity", "identity")
 
@@ -29,6 +30,7 @@ class Concept:
     retain_concepts: tuple[str, ...] = ()
     anchor_prompts: tuple[str, ...] = ()
     detect: dict[str, Any] = field(default_factory=dict)
+    detector: str | None = None  # SD worlds: nudenet | imagenet | clip | None (bench/detectors.py)
     images_dir: str | None = None
     gold_unet: str | None = None  # set by the world when a gold-standard UNet exists
     # World-provided renderer of concept images, ``render(n, seed) -> uint8 (n, H, W, 3)``
@@ -56,7 +58,7 @@ def concept_from_cfg(cfg: Any, gold_unet: str | None = None, render: Callable | 
         raise ConfigError(f"`concept.kind` must be one of {', '.join(KINDS)}, got {get('kind')!r}")
     lists = {}
     for key in ("forget_prompts", "retain_prompts", "synonyms", "retain_concepts", "anchor_prompts"):
-        v = list(get(key) or [])
+        v = list(load_prompts(get(key), f"concept.{key}"))  # an inline list or a {file|hub: ...} source
         if not all(isinstance(x, str) and x.strip() for x in v):
             raise ConfigError(f"`concept.{key}` must be a list of non-empty strings, got {v!r}")
         lists[key] = tuple(v)
@@ -66,12 +68,18 @@ def concept_from_cfg(cfg: Any, gold_unet: str | None = None, render: Callable | 
     if images_dir is not None and not Path(images_dir).is_dir():
         raise ConfigError(f"`concept.images_dir` must be an existing directory, got {images_dir!r}")
     detect = dict(get("detect") or {})
+    detector = get("detector")
+    if detector is not None:  # SD worlds: which detector judges the concept, checked before any load
+        from bench.detectors import check_detect_spec
+
+        check_detect_spec(detector, detect, name)
     return Concept(
         name=name,
         kind=get("kind"),
         target=get("target"),
         anchor=get("anchor") or "",
         detect=detect,
+        detector=detector,
         images_dir=images_dir,
         gold_unet=gold_unet,
         render=render,

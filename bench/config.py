@@ -76,6 +76,9 @@ def check_eval(cfg: DictConfig) -> None:
     c = cfg.eval.classifier
     if c.backbone not in BACKBONES:
         raise ConfigError(f"`eval.classifier.backbone` must be one of {', '.join(BACKBONES)}, got {c.backbone!r}")
+    if c.backbone == "detector_trunk" and cfg.model.get("world") != "shapes":
+        raise ConfigError(f"`eval.classifier.backbone` = 'detector_trunk' is the Shapes oracle's trunk; model={cfg.model.name} needs "
+                          "resnet18_imagenet (the paper's) or resnet18_scratch")
     _number(cfg, "eval.classifier.epochs", lo=1, integer=True)
     _number(cfg, "eval.classifier.batch_size", lo=2, integer=True)
     _number(cfg, "eval.classifier.lr", lo=1e-12)

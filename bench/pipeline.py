@@ -19,6 +19,9 @@ from bench.hparams import ConfigError
 
 SHAPES_DIR = Path(__file__).parent / "world" / "assets" / "shapes"
 SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "DDPMScheduler", "EulerDiscreteScheduler")
+DTYPES = ("float32", "float16", "bfloat16")
+AUTOCAST = ("float16", "bfloat16")
+ATTENTION = ("sdpa", "sliced")
 
 
 class DeltaError(ValueError):
@@ -46,13 +49,43 @@ def check_model_path(model_cfg: Any) -> None:
         raise ConfigError(f"`{key}` must be a directory holding a diffusers pipeline (model_index.json), got {str(p)!r}{hint}")
 
 
+def check_model_options(model_cfg: Any) -> None:
+    """Precision and memory options of ``conf/model/*.yaml`` (absent keys take their defaults)."""
+    allowed = {"dtype": DTYPES, "autocast": (None, *AUTOCAST), "attention": (None, *ATTENTION)}
+    for key, values in allowed.items():
+        v = model_cfg.get(key)
+        if key == "dtype" and v is None:
+            continue
+        if v not in values:
+            raise ConfigError(f"`model.{key}` must be one of {', '.join(str(x) for x in values)}, got {v!r}")
+    n = model_cfg.get("max_batch_size")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f"`model.max_batch_size` must be an integer >= 1 or null, got {n!r}")
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"`device` must be auto, cpu, cuda or cuda:N, got {device!r}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"`device` is {device!r} but no CUDA device is available; use device=cpu or device=auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"`device` is {device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible (cuda:0..)")
     return dev
+
+
+def autocast_dtype(model_cfg: Any, device: str | torch.device) -> str | None:
+    """The autocast dtype the inference stages run under: ``model.autocast`` on CUDA, else None (fp32).
+
+    Only sampling, the attack and VAE decoding use it; the weights stay in ``model.dtype`` so that
+    methods fine-tune fp32 parameters (their reference code trains in fp32).
+    """
+    if torch.device(device).type != "cuda":
+        return None
+    return model_cfg.get("autocast") or None
 
 
 def load_pipeline(model_cfg: Any, device: str | torch.device = "cpu"):
@@ -76,8 +109,35 @@ def load_pipeline(model_cfg: Any, device: str | torch.device = "cpu"):
         raise ConfigError(f"could not load a diffusers pipeline from `{path}`: {e}") from e
     if model_cfg.get("scheduler"):
         pipe.scheduler = _scheduler(model_cfg.scheduler, pipe.scheduler.config)
+    apply_memory_options(pipe, model_cfg)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def apply_memory_options(pipe, model_cfg: Any) -> None:
+    """``model.attention`` (sdpa = diffusers' default processors | sliced) and ``model.vae_slicing``."""
+    if model_cfg.get("attention") == "sliced":
+        pipe.enable_attention_slicing()
+    if model_cfg.get("vae_slicing"):
+        pipe.vae.enable_slicing()  # decode one image at a time: 512² VAE decodes dominate peak memory
+
+
+def describe_pipeline(pipe, model_cfg: Any, device: str | torch.device) -> dict[str, Any]:
+    """What ran, for the record: source, revision, the scheduler in use (class and config), precision."""
+    path = model_path(model_cfg)
+    local = Path(path).exists()
+    return {
+        "source": "local" if local else "hub",
+        "path": str(Path(path).resolve()) if local else None,
+        "revision": None if local else model_cfg.get("revision"),
+        "scheduler": type(pipe.scheduler).__name__,
+        "scheduler_config": {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")},
+        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+        "autocast": autocast_dtype(model_cfg, device),
+        "attention": model_cfg.get("attention") or "sdpa",
+        "vae_slicing": bool(model_cfg.get("vae_slicing")),
+        "device": str(device),
+    }
 
 
 def _scheduler(name: str, config):
@@ -132,7 +192,7 @@ def save_delta(path: str | Path, base: dict[str, torch.Tensor], unet: torch.nn.M
 
 def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and metadata of a delta file; ``DeltaError`` if it is not one."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from safetensors import safe_open
 
@@ -141,7 +201,7 @@ def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
         tensors = load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise DeltaError(f"`{path}` is not a readable safetensors file: {e}") from e
     if raw.get("format") != json.dumps("concealbench-delta-v1"):
         raise DeltaError(f"`{path}` is a safetensors file but not a ConcealBench delta (no format=concealbench-delta-v1 in its header)")

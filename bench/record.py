@@ -29,8 +29,12 @@ def short_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(canonical(obj).encode()).hexdigest()[:n]
 
 
-def protocol(cfg: Any, model_hash: str, sampler: str, detector: dict | None) -> dict[str, Any]:
-    """The settings that must match for two records to share a ranking, plus their hash."""
+def protocol(cfg: Any, model_hash: str, sampler: str, detector: dict | None, precision: str | None = None) -> dict[str, Any]:
+    """The settings that must match for two records to share a ranking, plus their hash.
+
+    ``precision`` is the autocast dtype of the inference stages (None = fp32; then the key is absent,
+    so fp32 protocols keep their hash).
+    """
     e, a = cfg.eval, cfg.attack
     p = {
         "model": {"id": cfg.model.id, "hash": model_hash},
@@ -49,6 +53,8 @@ def protocol(cfg: Any, model_hash: str, sampler: str, detector: dict | None) -> 
         "classifier": {k: e.classifier[k] for k in sorted(e.classifier)},
         "detector": detector,
     }
+    if precision:
+        p["precision"] = precision
     p["hash"] = short_hash(p)
     return p
 

@@ -87,6 +87,10 @@ def build_detector(cfg: Any):
         from bench.world.detector import Detector
 
         return ShapesDetector(Detector.load(Path(model_path(cfg.model)) / "detector"))
+    if cfg.model.world == "sd":  # NudeNet / ImageNet ResNet-50 / CLIP zero-shot, per `concept.detector`
+        from bench.detectors import build_sd_detector
+
+        return build_sd_detector(cfg)
     return None
 
 
