@@ -135,7 +135,10 @@ def _features(x: np.ndarray, name: str, dim: int | None = None) -> np.ndarray:
 
 
 def _l2_normalise(x: np.ndarray) -> np.ndarray:
-    # Same as torch.nn.functional.normalize(x, dim=-1) (eps 1e-12), used by the authors.
+    # Same as torch.nn.functional.normalize(x, dim=-1) (eps 1e-12), used by the authors. In float64:
+    # float32 BLAS results depend on memory alignment (~1e-7), which would turn the exact ties of
+    # identical λ_O and λ_U features (θ* = θ) into random retrievals.
+    x = np.asarray(x, dtype=np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 

@@ -23,7 +23,9 @@ def unlearn(pipe: Any, concept: Any) -> dict[str, Any]:
             "(the Shapes world ships gold models for its presets; SD worlds have none)"
         )
     gold = UNet2DConditionModel.from_pretrained(concept.gold_unet, torch_dtype=pipe.unet.dtype, use_safetensors=True)
-    if gold.config != pipe.unet.config:
+    own = pipe.unet.state_dict()
+    theirs = gold.state_dict()
+    if set(own) != set(theirs) or any(own[k].shape != theirs[k].shape for k in own):
         raise ValueError(f"gold UNet at {concept.gold_unet} does not match the base UNet's architecture")
     with torch.no_grad():
         pipe.unet.load_state_dict(gold.state_dict())

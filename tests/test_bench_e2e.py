@@ -105,3 +105,21 @@ def test_killed_mid_attack_resumes_to_identical_record(tmp_path):
     assert subprocess.run(fresh_args, env=env, capture_output=True, timeout=600).returncode == 0
     fresh = json.loads(next((tmp_path / "fresh" / "runs").rglob("record.json")).read_text())
     assert strip(resumed) == strip(fresh)
+
+
+@needs_world
+def test_retrain_loads_the_shipped_gold_unet():
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from bench.concepts import Concept
+    from methods.retrain import unlearn
+    from tests.conftest import WORLD
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(WORLD), torch_dtype=torch.float32)
+    concept = Concept(name="star", kind="object", target="star", forget_prompts=("a star",), retain_prompts=(),
+                      gold_unet=str(WORLD / "gold" / "star" / "unet"))
+    unlearn(pipe, concept)
+    gold = UNet2DConditionModel.from_pretrained(str(WORLD / "gold" / "star" / "unet"), torch_dtype=torch.float32)
+    for (k, a), b in zip(pipe.unet.state_dict().items(), gold.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
