@@ -147,18 +147,14 @@ def unlearn(
         x_T = torch.randn((batch_size, *latent_shape)).to(device)
         t = torch.randint(t_lo, t_hi, (batch_size,)).to(device)
         with torch.no_grad():
-            x_t, n = _sample(sampler_unet, sched, x_T, run, c_query, e_null, start_guidance)
-            nfe_sampling += n
-            conds = [e_null.expand(batch_size, -1, -1), c] + ([c_query] if e_from is not None else [])
-            eps = frozen(x_t.repeat(len(conds), 1, 1, 1), t.repeat(len(conds)), encoder_hidden_states=torch.cat(conds)).sample
-            eps_null, eps_c, *rest = eps.chunk(len(conds))
-            eps_from = rest[0] if rest else eps_c
-            target = eps_from - negative_guidance * (eps_c - eps_null)
+            x_t, rows_sampling = _sample(sampler_unet, sched, x_T, run, c_query, e_null, start_guidance)
+            target, rows_target = _target(frozen, x_t, t, e_null, c, c_query if e_from is not None else None, negative_guidance)
         opt.zero_grad(set_to_none=True)
         loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=c_query).sample, target)
         loss.backward()
         opt.step()
-        nfe += n + len(conds) * batch_size + batch_size
+        nfe_sampling += rows_sampling
+        nfe += rows_sampling + rows_target + batch_size
         losses.append(loss.item())
         pbar.set_postfix(loss=f"{losses[-1]:.4g}")
 
@@ -251,6 +247,15 @@ def _sample(unet, sched, x: torch.Tensor, run: torch.Tensor, cond: torch.Tensor,
             eps = e_null + guidance * (e_cond - e_null)
         x = sched.step(eps, t, x, eta=0.0).prev_sample
     return x, rows
+
+
+def _target(frozen, x_t, t, null, c, c_from, eta: float) -> tuple[torch.Tensor, int]:
+    """ε*(c_from) − η·(ε*(c) − ε*(∅)) from one batched θ* forward (c_from = c when None)."""
+    conds = [null.expand(x_t.shape[0], -1, -1), c] + ([c_from] if c_from is not None else [])
+    k = len(conds)
+    eps = frozen(x_t.repeat(k, 1, 1, 1), t.repeat(k), encoder_hidden_states=torch.cat(conds)).sample
+    eps_null, eps_c, *eps_from = eps.chunk(k)
+    return (eps_from[0] if eps_from else eps_c) - eta * (eps_c - eps_null), k * x_t.shape[0]
 
 
 def _embed(pipe: Any, prompts: list[str]) -> torch.Tensor:

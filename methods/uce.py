@@ -101,6 +101,9 @@ def unlearn(
     ``expand_prompts`` adds the reference's five templates per target.
     """
     erase, guides, kept = _texts(concept, keys, guide, preserve, expand_prompts)
+    modules = _cross_attention_kv(pipe.unet)
+    if not modules:
+        raise ValueError("UCE edits cross-attention `attn2.to_k`/`attn2.to_v`, and this UNet has none")
     s_p = max(0.1, 1.0 / max(len(kept), 1)) if preserve_scale == "auto" else float(preserve_scale)
     dtype = getattr(torch, solve_dtype)
     start = time.perf_counter()
@@ -115,7 +118,7 @@ def unlearn(
         gram += erase_scale * c_erase.T @ c_erase + s_p * c_keep.T @ c_keep
         before = after = 0.0
         names = []
-        for name, linear in tqdm(_cross_attention_kv(pipe.unet), desc="UCE", disable=None):
+        for name, linear in tqdm(modules, desc="UCE", disable=None):
             w_old = linear.weight.detach().to(dtype, copy=True)
             c_erase, c_guide, c_keep, gram = (t.to(w_old.device) for t in (c_erase, c_guide, c_keep, gram))
             v_star = c_guide @ w_old.T  # v*_i = W_old c*_i
