@@ -23,7 +23,7 @@ import numpy as np
 ALPHA = 0.05  # 95% intervals everywhere (DESIGN §1.3)
 N_BOOT = 1000
 KID_MAX_SUBSET = 1000  # Binkowski et al. / torchmetrics default subset size
-_TIE_ATOL = 1e-9  # |mean cos to λ_O − mean cos to λ_U| below this counts as a tie in `crs`
+_TIE_ATOL = 1e-6  # |mean cos to λ_O − mean cos to λ_U| below this counts as a tie in `crs`
 
 
 @dataclass
@@ -232,7 +232,8 @@ def crs(
     """ConcealBench's corrected Concept Retrieval Score (DESIGN §1.3 ``crs``).
 
     For attacked image x at ψ: r(x) = 1 if mean_j cos(f(x), f(x_j^O)) > mean_j cos(f(x), f(x_j^U)),
-    0 if smaller, 0.5 on a tie (|difference| < 1e-9, e.g. θ* = θ). rate(ψ) = mean_x r(x);
+    0 if smaller, 0.5 on a tie (|difference| < 1e-6, e.g. θ* = θ; CPU convolutions differ in the
+    last float32 bits between calls). rate(ψ) = mean_x r(x);
     CRS = mean_ψ rate(ψ). In [0, 1]; 0.5 = the attacked images are as close to λ_U as to λ_O;
     higher = concept retrieved. Unlike the authors (D1) every attacked seed counts.
 

@@ -261,7 +261,9 @@ class Job:
         t_clf = time.time() - t
         p_orig = {p: clf.prob_original(x) for p, x in imgs["p"].items()}
         feats_p = {p: clf.features(x) for p, x in imgs["p"].items()}
-        f_o, f_u = clf.features(o), clf.features(u)
+        # One call for both sets: identical images (θ* = θ) then get bit-identical features.
+        f_ou = clf.features(np.concatenate([o, u]))
+        f_o, f_u = f_ou[: len(o)], f_ou[len(o) :]
         res: dict[str, Any] = {"prompt": prompt, "class": cls}
         m = {
             "ccs": M.ccs(p_orig, seed=seed),

@@ -15,6 +15,17 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("TEST_THREADS", "1")))
 
+# diffusers and transformers bind a StreamHandler to sys.stderr on first import. Import them here,
+# at session start: bound inside a test that captures stderr, the handler would write to a closed
+# stream in later tests ("--- Logging error ---").
+import diffusers  # noqa: E402,F401
+import transformers  # noqa: E402,F401
+from diffusers.utils import logging as _diffusers_logging  # noqa: E402
+from transformers.utils import logging as _transformers_logging  # noqa: E402
+
+_diffusers_logging.get_logger("diffusers")
+_transformers_logging.get_logger("transformers")
+
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = ROOT / "bench" / "world" / "assets" / "shapes"
 
