@@ -37,12 +37,15 @@ VARIANTS = ("esd-x", "esd-u")
 # own 20-step DDIM grid for x_t. Everything else starts from the paper's SD defaults.
 FIXED = {"ddim_steps": 20}
 GRID: list[dict] = [
-    {"lr": 1e-5},  # the paper's lr (with η = 1)
-    {"lr": 1e-4},
-    {"lr": 3e-4},
-    {"lr": 1e-3},
+    {"lr": 1e-5},  # 0: the paper's lr (with the paper's η = 1)
+    {"lr": 1e-4},  # 1
+    {"lr": 3e-4},  # 2
+    {"lr": 1e-3},  # 3
+    {"lr": 1e-3, "negative_guidance": 3.0},  # 4: η = 3 is the paper's ESD-x-3 / ESD-u-3
+    {"lr": 1e-4, "negative_guidance": 3.0},  # 5
+    {"lr": 3e-4, "negative_guidance": 3.0},  # 6
 ]
-ITERATIONS = (100, 250)
+ITERATIONS = (250, 500, 1000)
 
 
 def _load(path: Path):

@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--screen-seeds", type=int, default=16, help="seeds on the canonical forget prompt (screening)")
     ap.add_argument("--retain-seeds", type=int, default=16, help="seeds per retain prompt")
     ap.add_argument("--paraphrase-seeds", type=int, default=8, help="seeds per forget prompt for the chosen config")
-    ap.add_argument("--finalists", type=int, default=1)
+    ap.add_argument("--finalists", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "docs/calibration/uce.md"))
     ap.add_argument("--json", default=None, help="raw results; screened rows found here are reused")
@@ -130,19 +130,27 @@ def main() -> None:
     ok = [r for r in screened if max(r["detect_u"].values()) <= 0.20]
     order = sorted(ok, key=lambda r: len(r["cfg"])) or sorted(screened, key=lambda r: np.mean(list(r["detect_u"].values())))
     seeds, retain_seeds = list(range(args.seeds)), list(range(args.retain_seeds))
+    final_seeds = [args.seeds, args.retain_seeds]
+    cached = done.get("final_seeds") == final_seeds
     ev.restore()  # the base model's numbers, not those of the last screened edit
-    base = {n: {**ev.detect(c, [c.forget_prompts[0]], seeds), **ev.fidelity(c, retain_seeds)} for n, c in concepts.items()}
+    base = done["base_final"] if cached and done.get("base_final") else {
+        n: {**ev.detect(c, [c.forget_prompts[0]], seeds), **ev.fidelity(c, retain_seeds)} for n, c in concepts.items()
+    }
     finals = []
     for r in order[: args.finalists]:
-        rows = {}
-        for n, c in concepts.items():
-            ev.edit(c, r["cfg"])
-            edited = {**ev.detect(c, [c.forget_prompts[0]], seeds), **ev.fidelity(c, retain_seeds)}
-            rows[n] = _row(base[n], edited, c)
-        final = {"cfg": r["cfg"], "concepts": rows, "n_pass": sum(_passes(v) for v in rows.values())}
-        final["score"] = float(np.mean([1 - v["detect_u"] / max(v["detect_o"], 1e-9) + v["retention"] for v in rows.values()]))
+        final = done.get("finals", {}).get(_describe(r["cfg"])) if cached else None
+        if final is None:
+            rows = {}
+            for n, c in concepts.items():
+                ev.edit(c, r["cfg"])
+                edited = {**ev.detect(c, [c.forget_prompts[0]], seeds), **ev.fidelity(c, retain_seeds)}
+                rows[n] = _row(base[n], edited, c)
+            final = {"cfg": r["cfg"], "concepts": rows, "n_pass": sum(_passes(v) for v in rows.values())}
+            final["score"] = float(np.mean([1 - v["detect_u"] / max(v["detect_o"], 1e-9) + v["retention"] for v in rows.values()]))
         finals.append(final)
-        print("final", _describe(r["cfg"]), json.dumps(rows), flush=True)
+        stage12 = {"screen_seeds": args.screen_seeds, "base_screen": base_screen, "screen": screened}
+        _dump(args.json, {**stage12, "final_seeds": final_seeds, "base_final": base, "finals": finals})
+        print("final", _describe(r["cfg"]), json.dumps(final["concepts"]), flush=True)
     full = [f for f in finals if f["n_pass"] == len(CONCEPTS)]
     chosen = full[0] if full else max(finals, key=lambda f: (f["n_pass"], f["score"]))
 
@@ -158,13 +166,19 @@ def main() -> None:
 
 
 def _resume(path: str | None, screen_seeds: int) -> dict:
-    """Screened rows of an earlier run with the same screening seeds, keyed by config."""
+    """Rows of an earlier run with the same screening seeds, keyed by config (and its finals)."""
     if not path or not Path(path).exists():
         return {}
     raw = json.loads(Path(path).read_text())
     if raw.get("screen_seeds") != screen_seeds:
         return {}
-    return {"base_screen": raw["base_screen"], "rows": {_describe(r["cfg"]): r for r in raw["screen"]}}
+    return {
+        "base_screen": raw["base_screen"],
+        "rows": {_describe(r["cfg"]): r for r in raw["screen"]},
+        "final_seeds": raw.get("final_seeds"),
+        "base_final": raw.get("base_final"),
+        "finals": {_describe(f["cfg"]): f for f in raw.get("finals", [])},
+    }
 
 
 def _dump(path: str | None, raw: dict) -> None:
@@ -266,8 +280,9 @@ def _write(args, base_screen, screened, finals, chosen, paraphrases, timings, mi
     lines.append("")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
-    raw = {"screen_seeds": args.screen_seeds, "base_screen": base_screen, "screen": screened}
-    _dump(args.json, {**raw, "finals": finals, "chosen": chosen["cfg"], "paraphrases": paraphrases, "timings": timings})
+    if args.json:  # add the chosen config, paraphrases and timings to what stages 1–2 dumped
+        raw = json.loads(Path(args.json).read_text())
+        _dump(args.json, {**raw, "chosen": chosen["cfg"], "paraphrases": paraphrases, "timings": timings})
     print("\n".join(lines))
 
 
