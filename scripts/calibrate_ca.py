@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--retain-seeds", type=int, default=32, help="seeds per retain prompt")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timing", action="store_true", help="also time one cold-cache run of the defaults per concept")
+    ap.add_argument("--timing-only", action="store_true", help="only the cold-cache timing runs (no grid, no evaluation)")
     ap.add_argument("--out", default=None, help="markdown table to write")
     ap.add_argument("--json", default=None, help="raw results to write")
     args = ap.parse_args()
@@ -102,7 +103,7 @@ def main() -> None:
         for s in (args.steps.split(",") if args.steps else [""])
     ]
     rows, t_start = [], time.perf_counter()
-    for name in args.concepts.split(","):
+    for name in args.concepts.split(",") if not args.timing_only else []:
         concept = concept_from_cfg(OmegaConf.load(ROOT / "conf" / "concept" / f"{name}.yaml"))
         pipe.unet.load_state_dict(base_state)
         t0 = time.perf_counter()
@@ -132,7 +133,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     timing = []
-    if args.timing:
+    if args.timing or args.timing_only:
         for name in args.concepts.split(","):
             concept = concept_from_cfg(OmegaConf.load(ROOT / "conf" / "concept" / f"{name}.yaml"))
             pipe.unet.load_state_dict(base_state)

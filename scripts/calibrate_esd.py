@@ -15,8 +15,8 @@ serves every count. Every snapshot is scored with the world's oracle detector:
   over the base model's, averaged over the retain prompts (target ≥ 0.80; the minimum is shown),
   with ``--retain-seeds`` images per prompt.
 Per variant, the chosen configuration is the passing one (both targets on every concept) with the
-highest mean retention, ties to fewer iterations; failing that, the best trade-off (concepts
-passing, then mean erasure + retention). The chosen configuration is re-run as a plain ``unlearn``
+highest mean retention, ties to fewer iterations; failing that, the best trade-off: most concepts
+passing, then keeping the retention target on every concept, then the lowest mean ``detect_u``. The chosen configuration is re-run as a plain ``unlearn``
 call to time it and scored on every forget prompt (paraphrases included).
 """
 from __future__ import annotations
@@ -240,7 +240,11 @@ def _choose(results: list[dict]) -> dict[str, int]:
         if full:
             chosen[variant] = max(full, key=lambda i: (np.mean([v["retention"] for v in results[i]["concepts"].values()]), -results[i]["cfg"]["iterations"]))
         else:
-            chosen[variant] = max(mine, key=lambda i: (results[i]["n_pass"], results[i]["score"]))
+            chosen[variant] = max(mine, key=lambda i: (
+                results[i]["n_pass"],
+                all(v["retention"] >= 0.80 for v in results[i]["concepts"].values()),
+                -np.mean([v["detect_u"] for v in results[i]["concepts"].values()]),
+            ))
     return chosen
 
 
