@@ -61,7 +61,7 @@ test-slow: ## Run the slow end-to-end tests
 	$(PY) -m pytest -q -m slow
 
 lint: ## Lint with ruff
-	$(VENV)/bin/ruff check bench methods leaderboard tests
+	$(VENV)/bin/ruff check bench methods leaderboard tests scripts
 
 clean: ## Remove runs, caches and wandb output (keeps the shipped world)
 	rm -rf runs .cache wandb outputs multirun

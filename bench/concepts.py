@@ -1,9 +1,10 @@
 """Concept presets (``conf/concept/*.yaml``) as a typed, validated object handed to methods."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.hparams import ConfigError
 from bench.prompts import load_prompts

@@ -8,8 +8,9 @@ from __future__ import annotations
 import importlib
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -59,7 +60,7 @@ def check_psi(psi: Any, key: str = "attack.psi") -> list[float]:
     for p in psi:
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p <= 1:
             raise ConfigError(f"`{key}` values must be numbers in [0, 1], got {p!r} in {list(psi)}")
-    if any(b <= a for a, b in zip(psi, psi[1:])):
+    if any(b <= a for a, b in zip(psi, psi[1:], strict=False)):
         raise ConfigError(f"`{key}` must be sorted and without duplicates, got {list(psi)}")
     return [float(p) for p in psi]
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import inspect
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -44,6 +45,49 @@ class Range:
         return " and ".join(x for x in (lo, hi) if x) or "any number"
 
 
+@dataclass(frozen=True)
+class SafetensorsFile:
+    """A path to an existing safetensors file whose header parses (checked before any model loads).
+
+    The file's content hash (``fingerprint``) joins the job key, so replacing the file at the same
+    path re-runs the job instead of reusing results computed from the old weights.
+    """
+
+    def check(self, v: Any) -> bool:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(v), framework="pt") as f:
+                return len(list(f.keys())) > 0
+        except Exception:  # noqa: BLE001 — missing, unreadable, truncated or not safetensors at all
+            return False
+
+    @staticmethod
+    def fingerprint(v: Any) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(v, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()[:16]
+
+    def __str__(self) -> str:
+        return "the path of an existing, readable .safetensors file with at least one tensor"
+
+
+def file_fingerprints(fn: Callable, params: dict[str, Any]) -> dict[str, str]:
+    """``{name: content hash}`` for every hyperparameter of ``fn`` declared as a ``SafetensorsFile``."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    out = {}
+    for name, hint in hints.items():
+        if typing.get_origin(hint) is typing.Annotated and params.get(name) is not None:
+            for m in typing.get_args(hint)[1:]:
+                if isinstance(m, SafetensorsFile):
+                    out[name] = m.fingerprint(params[name])
+    return out
+
+
 _NO_DEFAULT = inspect.Parameter.empty
 
 
@@ -68,7 +112,7 @@ def _check(hint, value) -> bool:
     origin = typing.get_origin(hint)
     if origin is typing.Annotated:
         base, *meta = typing.get_args(hint)
-        return _check(base, value) and all(m.check(value) for m in meta if isinstance(m, Range))
+        return _check(base, value) and all(m.check(value) for m in meta if isinstance(m, (Range, SafetensorsFile)))
     if origin is typing.Literal:
         return value in typing.get_args(hint)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
@@ -101,7 +145,7 @@ def check_params(fn: Callable, params: dict[str, Any], prefix: str = "method.par
     resolved = {}
     for name, p in decl.items():
         value = params.get(name, p.default)
-        if value is _NO_DEFAULT:
+        if value is _NO_DEFAULT or value == "???":  # "???" is OmegaConf's mandatory-missing marker
             raise ConfigError(f"`{prefix}.{name}` is required")
         hint = hints.get(name, typing.Any)
         if not _check(hint, value):

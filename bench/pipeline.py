@@ -192,9 +192,8 @@ def save_delta(path: str | Path, base: dict[str, torch.Tensor], unet: torch.nn.M
 
 def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and metadata of a delta file; ``DeltaError`` if it is not one."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
-    from safetensors import safe_open
 
     path = Path(path)
     try:

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench import metrics as M
 from bench.cache import Cache, load_entry, save_entry
 from bench.config import validate
-from bench.hparams import ConfigError
+from bench.hparams import ConfigError, file_fingerprints
 from bench.pipeline import (
     DeltaError,
     apply_delta,
@@ -101,7 +101,9 @@ class Job:
         det = self.detector.describe() if self.detector is not None else None
         self.protocol = protocol(self.cfg, self.model_hash, type(self.pipe.scheduler).__name__, det, precision=self.precision)
         self.pipeline_info = describe_pipeline(self.pipe, self.cfg.model, self.device)
-        self.key = job_key(self.cfg.model.name, self.concept.name, self.cfg.method.name, self.params, self.protocol["hash"], int(self.cfg.seed))
+        # Weight files a method reads (e.g. method=weights) enter the key by content, not by path.
+        key_params = {**self.params, **{f"{k}.sha256": v for k, v in file_fingerprints(self.fn, self.params).items()}}
+        self.key = job_key(self.cfg.model.name, self.concept.name, self.cfg.method.name, key_params, self.protocol["hash"], int(self.cfg.seed))
         self.dir = Path(self.cfg.out_dir) / self.cfg.model.name / self.concept.name / self.cfg.method.name / self.key
         self.timings["load"] = time.time() - t
 
@@ -455,6 +457,8 @@ def execute(cfg: DictConfig) -> int:
         # Bad input, not a failed experiment: no record at all (nothing half-written to read back).
         failed = True
         rec_path.unlink(missing_ok=True)
+        if job.dir.is_dir() and not any(job.dir.iterdir()):
+            job.dir.rmdir()  # nothing was computed: leave no trace of the job
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 — a failed job leaves a failed record and a non-zero exit

@@ -7,9 +7,10 @@ prompt names (``captions.parse``). SD worlds plug in NudeNet / ImageNet / CLIP d
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -109,7 +109,7 @@ def run_check(world: Path, seeds: int = 64, out: Path | None = None) -> dict:
         imgs = generate(gpipe, forget + retain, seed_list)
         factor, value = g["factor"], g["value"]
         det_rates = []
-        for i, p in enumerate(forget):
+        for i in range(len(forget)):
             hits = factor_hits(imgs[i * seeds : (i + 1) * seeds], det)
             det_rates.append(float((hits[factor] == value).mean()))
         ret = [prompt_fidelity(imgs[(len(forget) + i) * seeds : (len(forget) + i + 1) * seeds], p, det) for i, p in enumerate(retain)]

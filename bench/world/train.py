@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from bench.world import captions as cap
 from bench.world.checkpoint import atomic_write_text, load_state, save_state
 from bench.world.detector import HEADS, Detector
-from bench.world.render import FACTORS, render, render_random
+from bench.world.render import FACTORS, render_random
 
 ASSET_DIR = Path(__file__).parent / "assets" / "shapes"
 
@@ -328,7 +328,7 @@ def train_unet(cfg: BuildConfig, vae_dir: Path, detector_dir: Path, concept: str
     import copy
 
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     from bench.world.models import TEXT_LEN, make_text_encoder, make_train_scheduler, make_unet
     from bench.world.tokenizer import build_clip_tokenizer

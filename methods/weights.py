@@ -1,0 +1,73 @@
+"""Imported weights: evaluate a UNet that was unlearned elsewhere, through the same attack and metrics.
+
+Not an unlearning method but a way in for weights trained outside ConcealBench (an official ESD
+checkpoint converted to diffusers names, a run from another codebase, a delta from another
+machine). ``path`` is a safetensors file holding either
+
+- a **ConcealBench delta** (``delta.safetensors`` of an earlier run: only the changed tensors, with
+  ``format=concealbench-delta-v1`` and the base model's hash in its header), which must have been
+  made for this very base model; or
+- a **UNet state dict with diffusers parameter names** (full or partial, e.g. only the ``attn2``
+  tensors), applied over the base model.
+
+Anything else is refused with a message naming the file and the first offending tensor: a file
+that is not safetensors or is truncated, names from another layout (CompVis ``model.diffusion_model.*``
+checkpoints must be converted to diffusers names first, e.g. with diffusers'
+``scripts/convert_original_stable_diffusion_to_diffusers.py``), shapes of another architecture, or
+a delta made for another base model. Pickled checkpoints (``.pt``/``.ckpt``) are never loaded.
+
+Run:  python -m bench method=weights method.params.path=/path/to/unet.safetensors concept=star
+      (``method.name=<label>`` names the leaderboard row).
+"""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import torch
+
+from bench.hparams import SafetensorsFile
+from bench.pipeline import DeltaError, read_delta, state_hash
+
+DELTA_FORMAT = json.dumps("concealbench-delta-v1")
+
+
+def _read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        return load_file(path), meta
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DeltaError(f"`method.params.path` = {path!r} is not a readable safetensors file: {e}") from e
+
+
+def unlearn(pipe: Any, concept: Any, *, path: Annotated[str, SafetensorsFile()]) -> dict[str, Any]:
+    """Load ``path`` into ``pipe.unet`` in place (checked: names, shapes, base model); no training."""
+    tensors, raw = _read(path)
+    own = pipe.unet.state_dict()
+    kind = "state dict"
+    if raw.get("format") == DELTA_FORMAT:
+        tensors, meta = read_delta(path)
+        base = meta.get("base_hash")
+        mine = state_hash(own)
+        if base is not None and base != mine:
+            raise DeltaError(f"`method.params.path` = {path!r} is a delta for base model {base}, not for this one ({mine})")
+        kind = f"ConcealBench delta ({meta.get('method')}, {meta.get('concept')})"
+    unknown = [k for k in tensors if k not in own]
+    if unknown:
+        hint = " (CompVis names: convert the checkpoint to diffusers names first)" if unknown[0].startswith("model.") else ""
+        raise DeltaError(
+            f"`method.params.path` = {path!r} is foreign to this UNet: {len(unknown)} of {len(tensors)} tensors have "
+            f"no counterpart, first {unknown[0]!r}{hint}"
+        )
+    for k, v in tensors.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise DeltaError(f"`method.params.path` = {path!r}: tensor {k!r} has shape {tuple(v.shape)}, this UNet's is {tuple(own[k].shape)}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(v.to(own[k].dtype))
+    return {"steps": 0, "nfe": 0, "source": {"path": str(path), "kind": kind, "tensors": len(tensors)},
+            "notes": f"imported {len(tensors)} tensors from {path} ({kind})"}
