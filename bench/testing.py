@@ -38,7 +38,9 @@ def _tokenizer(text_len: int):
     # Built once per process and length: deriving the 49408-token BPE vocabulary takes ~1 s.
     from bench.world.tokenizer import build_clip_tokenizer
 
-    return build_clip_tokenizer(tempfile.mkdtemp(prefix="concealbench-tok-"), model_max_length=text_len)
+    # The files are read into memory by from_pretrained, so the directory goes right after.
+    with tempfile.TemporaryDirectory(prefix="concealbench-tok-") as tmp:
+        return build_clip_tokenizer(tmp, model_max_length=text_len)
 
 
 def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim", text_len: int = 77):
