@@ -15,9 +15,10 @@ PART ?= all
 ARGS ?=
 LAUNCHER ?=
 SWEEP_DIR ?= multirun/sweep-$(METHOD)-$(CONCEPT)
+SEARCH_DIR ?= multirun/search-$(METHOD)-$(CONCEPT)
 
 .DEFAULT_GOAL := help
-.PHONY: help install world world-check throughput bench perf gpu-smoke sweep leaderboard test test-slow lint clean
+.PHONY: help install world world-check throughput bench perf gpu-smoke sweep search leaderboard test test-slow lint clean
 
 help: ## Show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z_-]+:.*## /{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -50,6 +51,11 @@ sweep: ## Hyperparameter sweep (Hydra multirun) + report: make sweep METHOD=uce 
 	$(PY) -m bench -m +sweep=$(METHOD) concept=$(CONCEPT) eval=$(EVAL) model=$(MODEL) hydra.sweep.dir=$(SWEEP_DIR) \
 		$(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(if $(filter local,$(LAUNCHER)),threads=1) $(ARGS)
 	$(PY) -m bench.sweep_report $(SWEEP_DIR)
+
+search: ## Optuna search (needs the optuna extra): make search METHOD=esd_x|uce [CONCEPT=star] [TRIALS=12]
+	$(PY) -m bench -m +search=$(METHOD) concept=$(CONCEPT) eval=$(EVAL) model=$(MODEL) hydra.sweep.dir=$(SEARCH_DIR) \
+		$(if $(TRIALS),hydra.sweeper.n_trials=$(TRIALS)) $(ARGS)
+	$(PY) -m bench.sweep_report $(SEARCH_DIR)
 
 leaderboard: ## Build the static leaderboard (site, LEADERBOARD.md, results.csv) from runs/ and leaderboard/results/ [ARGS=--strict]
 	$(PY) -m leaderboard build $(ARGS)

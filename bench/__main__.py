@@ -11,17 +11,31 @@ from omegaconf import DictConfig  # noqa: E402
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float:
+    """Run the job; return its search value (what the Optuna sweeper maximises, conf/search/)."""
+    from hydra.core.hydra_config import HydraConfig
+
     from bench.run import execute
+    from bench.sweep_report import search_value
 
     code = execute(cfg)
-    if code:
-        # Under multirun a failed job must not stop the sweep: its failed record is on disk.
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.get().mode.name == "MULTIRUN":
-            return
+    if code and HydraConfig.get().mode.name != "MULTIRUN":
         sys.exit(code)
+    # Under multirun a failed job must not stop the sweep: its failed record is on disk.
+    return search_value(_record())
+
+
+def _record() -> dict | None:
+    import json
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    pointer = Path(HydraConfig.get().runtime.output_dir) / "result.json"
+    try:
+        return json.loads(Path(json.loads(pointer.read_text())["record"]).read_text())
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 if __name__ == "__main__":

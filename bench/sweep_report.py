@@ -1,8 +1,9 @@
 """``python -m bench.sweep_report <multirun dir>``: table + plot of a hyperparameter sweep.
 
 Reads every job's ``result.json`` (written by ``bench.run`` into its Hydra job directory), loads
-the records, and writes ``sweep_report.md``, ``sweep_report.csv`` and ``sweep_report.png`` into
-the sweep directory: each configuration's erasure, retention, CCS and CRS, the Pareto front over
+the records, and writes ``sweep_report.md``, ``sweep_report.csv``, ``sweep_report.png`` (metric
+against metric) and ``sweep_hparams.png`` (each swept hyperparameter against the metrics) into the
+sweep directory: each configuration's erasure, retention, CCS and CRS, the Pareto front over
 (erasure ↑, retention ↑, CRS ↓), and the configuration chosen by the declared objective
 
     objective = erasure − max(0, 2·(crs − 0.5))     subject to retention ≥ 0.8
@@ -29,13 +30,49 @@ def objective(row: dict) -> float | None:
     return e - max(0.0, 2 * (c - 0.5))
 
 
+def search_value(record: dict | None) -> float:
+    """The value the Optuna search maximises: ``objective`` where the retention floor holds; below
+    it, −1 minus the retention shortfall (worse than any feasible point, ≥ −1, but still ordered so
+    the sampler is steered back towards retention); −2 for a failed or missing job."""
+    if not record or record.get("status") != "ok":
+        return -2.0
+    m, r = record.get("metrics") or {}, record.get("retain") or {}
+    row = {k: (m.get(k) or r.get(k) or {}).get("value") for k in ("erasure", "retention", "crs")}
+    value = objective(row)
+    if value is not None:
+        return float(value)
+    if row["retention"] is None or row["erasure"] is None:
+        return -2.0
+    return -1.0 - max(0.0, RETENTION_FLOOR - row["retention"])
+
+
+def default_params(method: str, model: str) -> dict | None:
+    """The hyperparameters a plain ``python -m bench method=<method> model=<model>`` would use."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    try:
+        with initialize_config_dir(version_base=None, config_dir=str(conf)):
+            cfg = compose(config_name="config", overrides=[f"method={method}", f"model={model}", "logger=none"])
+    except Exception:  # noqa: BLE001 — a method or model this checkout does not have
+        return None
+    return OmegaConf.to_container(cfg.method.params, resolve=True)
+
+
+def _hparams(overrides: list[str]) -> dict[str, str]:
+    return {o.split("=", 1)[0].removeprefix("method.params."): o.split("=", 1)[1] for o in overrides if o.startswith("method.params.") and "=" in o}
+
+
 def load_rows(sweep_dir: Path) -> list[dict]:
     rows = []
     for res in sorted(sweep_dir.glob("*/result.json"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0):
         info = json.loads(res.read_text())
         rec = json.loads(Path(info["record"]).read_text()) if Path(info["record"]).exists() else {}
         row = {"job": res.parent.name, "overrides": " ".join(o for o in info["overrides"] if "params" in o or o.startswith("method=")),
-               "status": rec.get("status", info["status"]), "record": info["record"]}
+               "status": rec.get("status", info["status"]), "record": info["record"], "hparams": _hparams(info["overrides"]),
+               "params": (rec.get("method") or {}).get("params"), "method": (rec.get("method") or {}).get("name"),
+               "model": (rec.get("model") or {}).get("name")}
         m, r = rec.get("metrics") or {}, rec.get("retain") or {}
         for k in COLUMNS:
             v = (m.get(k) or r.get(k) or {}).get("value")
@@ -83,6 +120,18 @@ def write_report(sweep_dir: Path) -> dict:
                      + f" | {_fmt(r['objective'])} | {_fmt(r['seconds'])} |")
     lines += ["", f"**Chosen configuration:** job {chosen['job']}: `{chosen['overrides']}` (objective {chosen['objective']:.3f})"
               if chosen else "**Chosen configuration:** none meets the retention floor."]
+    defaults = {}
+    for r in rows:
+        key = (r["method"], r["model"])
+        if r["params"] is not None and None not in key and key not in defaults:
+            defaults[key] = default_params(*key)
+    current = [r for r in rows if r["params"] is not None and r["params"] == defaults.get((r["method"], r["model"]))]
+    if current:
+        lines.append(f"**Current default** (conf/method + conf/method_model for {current[0]['model']}): job {current[0]['job']}"
+                     + (" — the sweep agrees with it." if chosen and chosen["job"] == current[0]["job"] else
+                        f" (objective {_fmt(current[0]['objective'])})."))
+    else:
+        lines.append("**Current default:** not among the sweep's points.")
     (sweep_dir / "sweep_report.md").write_text("\n".join(lines) + "\n")
     with open(sweep_dir / "sweep_report.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["job", "overrides", "status", *COLUMNS, "objective", "seconds", "record"])
@@ -90,6 +139,7 @@ def write_report(sweep_dir: Path) -> dict:
         for r in rows:
             w.writerow({k: r.get(k) for k in w.fieldnames})
     _plot(rows, front, chosen, sweep_dir / "sweep_report.png")
+    _plot_hparams(rows, chosen, sweep_dir / "sweep_hparams.png")
     print("\n".join(lines))
     return {"rows": rows, "front": sorted(front), "chosen": chosen}
 
@@ -116,6 +166,51 @@ def _plot(rows: list[dict], front: set[str], chosen: dict | None, path: Path) ->
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_hparams(rows: list[dict], chosen: dict | None, path: Path) -> None:
+    """One row per swept hyperparameter: its value against erasure, retention, CCS and CRS."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    names = sorted({k for r in ok for k in r["hparams"] if len({x["hparams"].get(k) for x in ok}) > 1})
+    if not names:
+        return
+    metrics = ("erasure", "retention", "ccs", "crs")
+    fig, axes = plt.subplots(len(names), len(metrics), figsize=(3.2 * len(metrics), 2.6 * len(names)), squeeze=False)
+    for i, name in enumerate(names):
+        values = sorted({r["hparams"].get(name) for r in ok}, key=lambda v: (_num(v) is None, _num(v) or 0, str(v)))
+        numeric = all(_num(v) is not None for v in values)
+        for j, m in enumerate(metrics):
+            ax = axes[i][j]
+            for r in ok:
+                if r[m] is None:
+                    continue
+                v = r["hparams"].get(name)
+                x = _num(v) if numeric else values.index(v)
+                ax.scatter(x, r[m], s=40 if r is chosen else 22, c="C3" if r is chosen else "C0", alpha=0.8)
+            if numeric:
+                lo, hi = _num(values[0]), _num(values[-1])
+                if lo > 0 and hi / lo >= 20:
+                    ax.set_xscale("log")
+            else:
+                ax.set_xticks(range(len(values)), [str(v) for v in values], fontsize=7)
+            ax.set(xlabel=name, title=m if i == 0 else "")
+            ax.grid(alpha=0.3)
+    fig.suptitle("hyperparameters against the metrics (red = chosen)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:
