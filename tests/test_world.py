@@ -114,6 +114,23 @@ def test_shipped_detector_reads_fresh_renders():
     assert feats.shape == (8, det.feature_dim)
 
 
+@needs_world
+def test_shipped_detector_reads_shape_and_texture_through_dull_tones():
+    """Generated images are darker and duller than renders: a dark cross must stay a cross."""
+    from bench.world.detector import Detector
+
+    det = Detector.load(WORLD / "detector")
+    b = render_random(600, seed=515151)
+    x = b.images.astype(np.float32)
+    for shifted in (x * 0.5, 0.5 * x + 0.5 * x.mean(-1, keepdims=True)):
+        p = det.predict(np.clip(shifted, 0, 255).astype(np.uint8))
+        assert (p["shape"].argmax(1) == b.shape).mean() >= 0.97
+        assert (p["texture"].argmax(1) == b.texture).mean() >= 0.97
+    crosses = render([SHAPES.index("cross")] * 200, list(range(6)) * 33 + [0, 1], [TEXTURES.index("dots")] * 200, seed=7)
+    dark = (crosses.images.astype(np.float32) * 0.5).astype(np.uint8)
+    assert (det.predict(dark)["shape"].argmax(1) == SHAPES.index("cross")).mean() >= 0.97
+
+
 def test_micro_world_build_runs_and_resumes(tmp_path):
     """A handful of steps of every training job, then an interrupted job resumes identically."""
     from bench.world import train

@@ -1,7 +1,8 @@
 """``python -m bench.world check``: the Shapes world's fidelity table, from the shipped files.
 
 Reports (issue "Foundation", must-show list):
-- oracle accuracy per head on 2,000 held-out renders and on their VAE reconstructions;
+- oracle accuracy per head on 2,000 held-out renders, on their VAE reconstructions, and (shape,
+  texture) on darkened and desaturated copies — the duller tones of generated images;
 - base-model fidelity for every forget and retain prompt of every preset (64 seeds, guidance 7.5),
   and on 20 grammar prompts that no preset uses;
 - each gold-standard UNet: concept detection on its forget prompts, fidelity on its retain prompts.
@@ -58,6 +59,11 @@ def detector_accuracy(world: Path, det: Detector, n: int = 2000) -> dict:
     for name, imgs in (("renders", test.images), ("vae_reconstructions", reconstruct(vae, test.images))):
         p = det.predict(imgs)
         out[name] = {h: float((p[h].argmax(1) == labels[h]).mean()) for h in HEADS}
+    # the duller tones of generated images: shape and texture must survive them (colour cannot)
+    x = test.images.astype(np.float32)
+    for name, imgs in (("darkened_x0.5", x * 0.5), ("desaturated_50pct", 0.5 * x + 0.5 * x.mean(-1, keepdims=True))):
+        p = det.predict(np.clip(imgs, 0, 255).astype(np.uint8))
+        out[name] = {h: float((p[h].argmax(1) == labels[h]).mean()) for h in ("shape", "texture")}
     return out
 
 
@@ -70,9 +76,10 @@ def run_check(world: Path, seeds: int = 64, out: Path | None = None) -> dict:
 
     acc = detector_accuracy(world, det)
     result["detector"] = acc
-    print("oracle accuracy on 2,000 held-out renders / their VAE reconstructions")
+    print("oracle accuracy on 2,000 held-out renders / their VAE reconstructions / darkened ×0.5 / desaturated 50%")
     for h in HEADS:
-        print(f"  {h:8s} {acc['renders'][h]:.4f} / {acc['vae_reconstructions'][h]:.4f}")
+        tone = " / ".join(f"{acc[k][h]:.4f}" if h in acc[k] else "  –   " for k in ("darkened_x0.5", "desaturated_50pct"))
+        print(f"  {h:8s} {acc['renders'][h]:.4f} / {acc['vae_reconstructions'][h]:.4f} / {tone}")
 
     used = set()
     rows = []
