@@ -18,7 +18,7 @@ SWEEP_DIR ?= multirun/sweep-$(METHOD)-$(CONCEPT)
 SEARCH_DIR ?= multirun/search-$(METHOD)-$(CONCEPT)
 
 .DEFAULT_GOAL := help
-.PHONY: help install world world-check throughput bench perf gpu-smoke sweep search leaderboard test test-slow lint clean
+.PHONY: help install world world-check throughput bench perf gpu-smoke sweep search leaderboard leaderboard-png test test-slow lint clean
 
 help: ## Show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z_-]+:.*## /{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -59,6 +59,9 @@ search: ## Optuna search (needs the optuna extra): make search METHOD=esd_x|uce 
 
 leaderboard: ## Build the static leaderboard (site, LEADERBOARD.md, results.csv) from runs/ and leaderboard/results/ [ARGS=--strict]
 	$(PY) -m leaderboard build $(ARGS)
+
+leaderboard-png: ## Screenshot of the built page into docs/leaderboard.png (Debian's chromium)
+	$(PY) -m leaderboard screenshot leaderboard/site/index.html docs/leaderboard.png
 
 test: ## Run the fast test suite
 	$(PY) -m pytest -q

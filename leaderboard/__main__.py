@@ -2,6 +2,7 @@
 
     python -m leaderboard build [--runs runs] [--results leaderboard/results]
                                 [--out leaderboard/site] [--md leaderboard/LEADERBOARD.md] [--strict]
+    python -m leaderboard screenshot [page] [png] [--width 1400] [--height 1500]
 
 Every record left out or flagged is printed with its path and the reason; the page is still
 built from the valid records. ``--strict`` exits 1 when there is any such record (CI for the
@@ -31,7 +32,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="Markdown table for the README (default: leaderboard/LEADERBOARD.md)")
     b.add_argument("--strict", action="store_true",
                    help="exit 1 if any record was left out or flagged (errors and warnings)")
+    s = sub.add_parser("screenshot", help="PNG of a built page with headless chromium (for the README)")
+    s.add_argument("page", type=Path, nargs="?", default=Path("leaderboard/site/index.html"))
+    s.add_argument("png", type=Path, nargs="?", default=Path("docs/leaderboard.png"))
+    s.add_argument("--width", type=int, default=1600)
+    s.add_argument("--height", type=int, default=1500)
     args = p.parse_args(argv)
+    if args.cmd == "screenshot":
+        return screenshot(args.page, args.png, args.width, args.height)
 
     result = build(args.runs, args.results, args.out, args.md)
     for issue in result.issues:
@@ -44,6 +52,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.strict and result.problems:
         print(f"leaderboard: --strict: {len(result.problems)} problem(s) above", file=sys.stderr)
         return 1
+    return 0
+
+
+def screenshot(page: Path, png: Path, width: int, height: int) -> int:
+    """Render ``page`` (file://, no network) with Debian's chromium into ``png``; atomic."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    browser = next((b for b in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if b), None)
+    if browser is None:
+        print("error: screenshot needs a chromium binary on PATH (apt-get install chromium)", file=sys.stderr)
+        return 2
+    if not page.is_file():
+        print(f"error: `page` must be a built page (python -m leaderboard build), got {str(page)!r}", file=sys.stderr)
+        return 2
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "shot.png"
+        cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--hide-scrollbars", f"--user-data-dir={tmp}/profile", f"--window-size={width},{height}",
+               f"--screenshot={out}", page.resolve().as_uri()]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "TMPDIR": tmp})
+        if r.returncode != 0 or not out.exists():
+            print(f"error: chromium failed ({r.returncode}): {r.stderr[-500:]}", file=sys.stderr)
+            return 1
+        shutil.move(str(out), png)
+    print(f"screenshot: {png}")
     return 0
 
 

@@ -244,3 +244,15 @@ def test_page_in_headless_chromium(tmp_path, page):
         target = Path(os.environ["LEADERBOARD_SCREENSHOT"])
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(screenshot, target)
+
+
+def test_screenshot_command_renders_a_built_page(tmp_path):
+    from leaderboard.__main__ import main
+
+    _require_browser()
+    write_samples(tmp_path / "records")
+    build(tmp_path / "records" / "runs", tmp_path / "records" / "results", tmp_path / "site", tmp_path / "LEADERBOARD.md")
+    png = tmp_path / "shot" / "board.png"
+    assert main(["screenshot", str(tmp_path / "site" / "index.html"), str(png), "--height", "900"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert main(["screenshot", str(tmp_path / "absent.html"), str(png)]) == 2
