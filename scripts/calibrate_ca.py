@@ -35,11 +35,11 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import calibration_common as cal  # noqa: E402
+
 from bench.concepts import concept_from_cfg  # noqa: E402
 from bench.hparams import check_params  # noqa: E402
 from bench.pipeline import SHAPES_DIR  # noqa: E402
-from bench.world.detector import Detector  # noqa: E402
-from bench.world.fidelity import factor_hits, generate, prompt_fidelity  # noqa: E402
 from methods import concept_ablation as ca  # noqa: E402
 
 FORGET_SEEDS0, RETAIN_SEEDS0 = 10_000, 20_000  # evaluation seeds, disjoint from anchor seeds 0..n-1
@@ -55,16 +55,10 @@ def shapes_defaults(method: str) -> dict:
 
 def evaluate(pipe, concept, det, seeds: int, retain_seeds: int) -> dict:
     """Concept detection on the canonical forget prompt; per-retain-prompt fidelity."""
-    factor, value = concept.detect["factor"], concept.detect["value"]
-    forget = generate(pipe, [concept.forget_prompts[0]], range(FORGET_SEEDS0, FORGET_SEEDS0 + seeds))
-    detect = float((factor_hits(forget, det)[factor] == value).mean())
-    rs = list(range(RETAIN_SEEDS0, RETAIN_SEEDS0 + retain_seeds))
-    images = generate(pipe, list(concept.retain_prompts), rs)
-    fid = []
-    for i, p in enumerate(concept.retain_prompts):
-        f = prompt_fidelity(images[i * len(rs) : (i + 1) * len(rs)], p, det)
-        fid.append(float(np.mean(list(f.values()))) if f else float("nan"))
-    return {"detect": detect, "retain_fidelity": fid}
+    canon = concept.forget_prompts[0]
+    detect = cal.forget_rates(pipe, concept, det, range(FORGET_SEEDS0, FORGET_SEEDS0 + seeds), [canon])[canon]
+    fid = cal.retain_fidelity(pipe, concept, det, range(RETAIN_SEEDS0, RETAIN_SEEDS0 + retain_seeds))
+    return {"detect": detect, "retain_fidelity": list(fid.values())}
 
 
 def main() -> None:
@@ -85,12 +79,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="raw results to write")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(args.world, torch_dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    det = Detector.load(Path(args.world) / "detector")
+    pipe, det = cal.load(args.world)
     base_state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     defaults = shapes_defaults(args.method)
     extra = {}

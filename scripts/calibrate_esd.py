@@ -26,6 +26,7 @@ import json
 import time
 from pathlib import Path
 
+import calibration_common as cal
 import numpy as np
 import torch
 from omegaconf import OmegaConf
@@ -46,58 +47,6 @@ GRID: list[dict] = [
     {"lr": 3e-4, "negative_guidance": 3.0},  # 6
 ]
 ITERATIONS = (250, 500, 1000)
-
-
-def _load(path: Path):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _detect(images, concept, detector) -> float:
-    from bench.world.fidelity import factor_hits
-
-    return float((factor_hits(images, detector)[concept.detect["factor"]] == concept.detect["value"]).mean())
-
-
-def _fidelity(images, prompt, detector) -> float:
-    from bench.world.fidelity import prompt_fidelity
-
-    return float(np.mean(list(prompt_fidelity(images, prompt, detector).values())))
-
-
-def _measure(pipe, concept, detector, seeds, retain_seeds) -> dict[str, float]:
-    """Concept detection on the canonical forget prompt; fidelity on each retain prompt."""
-    from bench.world.fidelity import generate
-
-    canon = concept.forget_prompts[0]
-    out = {canon: _detect(generate(pipe, [canon], seeds), concept, detector)}
-    images = generate(pipe, list(concept.retain_prompts), retain_seeds)
-    n = len(retain_seeds)
-    for i, p in enumerate(concept.retain_prompts):
-        out[p] = _fidelity(images[i * n : (i + 1) * n], p, detector)
-    return out
-
-
-def _row(base: dict, edited: dict, concept) -> dict[str, float]:
-    canon = concept.forget_prompts[0]
-    ratios = [edited[p] / base[p] for p in concept.retain_prompts if base[p] > 0]
-    return {
-        "detect_o": base[canon],
-        "detect_u": edited[canon],
-        "retention": float(np.mean(ratios)),
-        "retention_min": float(np.min(ratios)),
-    }
-
-
-def _passes(r: dict) -> bool:
-    return r["detect_u"] <= 0.20 and r["retention"] >= 0.80
-
-
-def _describe(cfg: dict) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in cfg.items())
 
 
 def _train_with_snapshots(pipe, concept, params: dict, at: tuple[int, ...]) -> tuple[dict, dict[int, dict]]:
@@ -179,10 +128,8 @@ def main() -> None:
         return
 
     from bench.concepts import concept_from_cfg
-    from bench.world.detector import Detector
 
-    pipe = _load(Path(args.world))
-    detector = Detector.load(Path(args.world) / "detector")
+    pipe, detector = cal.load(args.world)
     seeds, retain_seeds = list(range(args.seeds)), list(range(args.retain_seeds))
     original = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     concepts = {c: concept_from_cfg(OmegaConf.load(ROOT / f"conf/concept/{c}.yaml")) for c in args.concepts}
@@ -192,7 +139,7 @@ def main() -> None:
     t0 = time.perf_counter()
     base = {}
     for name, c in concepts.items():
-        base[name] = _measure(pipe, c, detector, seeds, retain_seeds)
+        base[name] = cal.measure(pipe, c, detector, seeds, retain_seeds)
         print(name, "base", json.dumps(base[name]), flush=True)
 
     results, states = [], {}  # one row per (variant, cfg, iterations); states[(row index, concept)]
@@ -208,16 +155,16 @@ def main() -> None:
                 train_s.append((time.perf_counter() - t, time.process_time() - c0, report["nfe"]))
                 for k, state in snaps.items():
                     pipe.unet.load_state_dict(state)
-                    rows[k]["concepts"][name] = _row(base[name], _measure(pipe, c, detector, seeds, retain_seeds), c)
+                    rows[k]["concepts"][name] = cal.row(base[name], cal.measure(pipe, c, detector, seeds, retain_seeds), c)
                     states[(len(results) + at.index(k), name)] = state
             for row in rows.values():
-                row["n_pass"] = sum(_passes(r) for r in row["concepts"].values())
+                row["n_pass"] = sum(cal.passes(r) for r in row["concepts"].values())
                 row["score"] = float(np.mean([1 - r["detect_u"] / max(r["detect_o"], 1e-9) + r["retention"] for r in row["concepts"].values()]))
                 row["train_s_per_iter"] = float(np.mean([w for w, _, _ in train_s]) / max(at))
                 row["cpu_s_per_iter"] = float(np.mean([p for _, p, _ in train_s]) / max(at))
                 row["nfe_per_iter"] = float(np.mean([n for _, _, n in train_s]) / max(at))
                 results.append(row)
-                print(variant, _describe(row["cfg"]), json.dumps(row["concepts"]), flush=True)
+                print(variant, cal.describe(row["cfg"]), json.dumps(row["concepts"]), flush=True)
 
     finals = {}
     if not args.no_final:
@@ -250,15 +197,12 @@ def _choose(results: list[dict]) -> dict[str, int]:
 
 def _final(pipe, original, concepts, detector, args, params, states) -> dict:
     """Detection on every forget prompt for the chosen snapshots; wall time of a plain run."""
-    from bench.world.fidelity import generate
     from methods.esd import unlearn
 
     seeds, out = list(range(args.para_seeds)), {"forget": {}}
     for name, c in concepts.items():
         pipe.unet.load_state_dict(states[name])
-        images = generate(pipe, list(c.forget_prompts), seeds)
-        n = len(seeds)
-        out["forget"][name] = {p: _detect(images[i * n : (i + 1) * n], c, detector) for i, p in enumerate(c.forget_prompts)}
+        out["forget"][name] = cal.forget_rates(pipe, c, detector, seeds)
     name, c = next(iter(concepts.items()))
     pipe.unet.load_state_dict(original)
     torch.set_num_threads(args.final_threads)
@@ -288,7 +232,7 @@ def _write(args, raw: dict) -> None:
         f"({args.seeds} seeds, DDIM 20 steps, guidance 7.5); retain prompts keep ≥ 80% of the base "
         f"model's fidelity (`ret` = mean over retain prompts of fidelity(θ*)/fidelity(θ), {args.retain_seeds} "
         "seeds each; `min` = the worst retain prompt). Every run fine-tunes the shipped base model with "
-        f"seed 0. Fixed for the world: {_describe(FIXED)}; unlisted knobs are the paper's SD defaults "
+        f"seed 0. Fixed for the world: {cal.describe(FIXED)}; unlisted knobs are the paper's SD defaults "
         "(η = 1, start_guidance 3, batch 1, x_t from the trained model, aligned timestep rule). Rows with "
         "several iteration counts come from one run snapshotted on the way (bit-identical to separate "
         "runs: `--check`). s/iter = wall seconds per training iteration at 1 thread (CPU seconds in brackets).",
@@ -300,14 +244,14 @@ def _write(args, raw: dict) -> None:
         cells = [f"{v['detect_o']:.2f} → {v['detect_u']:.2f}, {v['retention']:.2f} ({v['retention_min']:.2f})" for v in r["concepts"].values()]
         mark = " **(chosen)**" if chosen.get(r["variant"]) == i else ""
         lines.append(
-            f"| {r['variant']} | {_describe(r['cfg'])}{mark} | " + " | ".join(cells)
+            f"| {r['variant']} | {cal.describe(r['cfg'])}{mark} | " + " | ".join(cells)
             + f" | {r['n_pass']}/{len(names)} | {r['train_s_per_iter']:.3f} ({r['cpu_s_per_iter']:.3f}) | {r['nfe_per_iter']:.1f} |"
         )
     lines += [""]
     for variant, i in chosen.items():
         row = results[i]
         ok = "meets both targets on every concept" if row["n_pass"] == len(names) else f"best trade-off ({row['n_pass']}/{len(names)} concepts pass)"
-        lines.append(f"Chosen for {variant}: `{_describe({**FIXED, **row['cfg']})}` — {ok}.")
+        lines.append(f"Chosen for {variant}: `{cal.describe({**FIXED, **row['cfg']})}` — {ok}.")
     for variant, f in finals.items():
         tm = f["timed"]
         lines += [

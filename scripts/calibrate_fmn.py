@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import calibration_common as cal
 import numpy as np
 import torch
 from omegaconf import OmegaConf
@@ -57,60 +58,8 @@ GRID: list[dict] = [
 ]
 
 
-def _load(path: Path):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _fidelity(images, prompt, detector) -> float:
-    from bench.world.fidelity import prompt_fidelity
-
-    rates = prompt_fidelity(images, prompt, detector)
-    return float(np.mean(list(rates.values())))
-
-
-def _forget_rates(pipe, concept, detector, seeds, prompts=None) -> dict[str, float]:
-    """Concept detection rate on each forget prompt (default: all of the preset's)."""
-    from bench.world.fidelity import factor_hits, generate
-
-    prompts = list(prompts or concept.forget_prompts)
-    images = generate(pipe, prompts, seeds)
-    hits = factor_hits(images, detector)[concept.detect["factor"]] == concept.detect["value"]
-    return {p: float(h.mean()) for p, h in zip(prompts, hits.reshape(len(prompts), -1), strict=True)}
-
-
-def _measure(pipe, concept, detector, seeds, retain_seeds) -> dict[str, float]:
-    """Concept detection on the canonical forget prompt and fidelity on each retain prompt."""
-    from bench.world.fidelity import generate
-
-    out = _forget_rates(pipe, concept, detector, seeds, [concept.forget_prompts[0]])
-    n = len(retain_seeds)
-    images = generate(pipe, list(concept.retain_prompts), retain_seeds)
-    for i, p in enumerate(concept.retain_prompts):
-        out[p] = _fidelity(images[i * n : (i + 1) * n], p, detector)
-    return out
-
-
-def _row(base: dict, edited: dict, concept) -> dict[str, float]:
-    canon = concept.forget_prompts[0]
-    ratios = [edited[p] / base[p] for p in concept.retain_prompts if base[p] > 0]
-    return {
-        "detect_o": base[canon],
-        "detect_u": edited[canon],
-        "retention": float(np.mean(ratios)),
-        "retention_min": float(np.min(ratios)),
-    }
-
-
-def _passes(r: dict) -> bool:
-    return r["detect_u"] <= 0.20 and r["retention"] >= 0.80
-
-
 def _describe(cfg: dict) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in cfg.items()) or "reference SD defaults"
+    return cal.describe(cfg, "reference SD defaults")
 
 
 def main() -> None:
@@ -129,12 +78,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from bench.concepts import concept_from_cfg
-    from bench.world.detector import Detector
     from bench.worlds import shapes_renderer
     from methods.fmn import unlearn
 
-    pipe = _load(Path(args.world))
-    detector = Detector.load(Path(args.world) / "detector")
+    pipe, detector = cal.load(args.world)
     seeds = list(range(args.seeds))
     retain_seeds = list(range(args.retain_seeds or args.seeds))
     original = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
@@ -146,7 +93,7 @@ def main() -> None:
     t0 = time.perf_counter()
     base = {}
     for name, c in concepts.items():
-        base[name] = _measure(pipe, c, detector, seeds, retain_seeds)
+        base[name] = cal.measure(pipe, c, detector, seeds, retain_seeds)
         print(name, "base", json.dumps(base[name]), flush=True)
 
     results = []
@@ -160,9 +107,9 @@ def main() -> None:
             row["seconds"].append(time.perf_counter() - t)
             hist = report["loss_history"]
             row["loss"].append((float(np.mean(hist[:5])), float(np.mean(hist[-5:]))))
-            edited = _measure(pipe, c, detector, seeds, retain_seeds)
-            row["concepts"][name] = _row(base[name], edited, c)
-        row["n_pass"] = sum(_passes(r) for r in row["concepts"].values())
+            edited = cal.measure(pipe, c, detector, seeds, retain_seeds)
+            row["concepts"][name] = cal.row(base[name], edited, c)
+        row["n_pass"] = sum(cal.passes(r) for r in row["concepts"].values())
         row["score"] = float(np.mean([1 - r["detect_u"] / max(r["detect_o"], 1e-9) + r["retention"] for r in row["concepts"].values()]))
         results.append(row)
         print(_describe(cfg), json.dumps(row["concepts"]), f"{np.mean(row['seconds']):.2f}s", flush=True)
@@ -179,7 +126,7 @@ def main() -> None:
         report = unlearn(pipe, c, **BASE, **chosen["cfg"])
         timings.append((name, time.perf_counter() - t, report["nfe"]))
         if args.paraphrases:
-            paraphrases[name] = _forget_rates(pipe, c, detector, seeds)
+            paraphrases[name] = cal.forget_rates(pipe, c, detector, seeds)
     sweep_minutes = (time.perf_counter() - t0) / 60
     _write(args, results, chosen, paraphrases, timings, sweep_minutes)
 

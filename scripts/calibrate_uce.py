@@ -22,6 +22,7 @@ import json
 import time
 from pathlib import Path
 
+import calibration_common as cal
 import numpy as np
 import torch
 from omegaconf import OmegaConf
@@ -45,38 +46,8 @@ GRID: list[dict] = [
 ]
 
 
-def _load(path: Path):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _fidelity(images, prompt, detector) -> float:
-    from bench.world.fidelity import prompt_fidelity
-
-    rates = prompt_fidelity(images, prompt, detector)
-    return float(np.mean(list(rates.values())))
-
-
-def _row(base: dict, edited: dict, concept) -> dict[str, float]:
-    canon = concept.forget_prompts[0]
-    ratios = [edited[p] / base[p] for p in concept.retain_prompts if base[p] > 0]
-    return {
-        "detect_o": base[canon],
-        "detect_u": edited[canon],
-        "retention": float(np.mean(ratios)),
-        "retention_min": float(np.min(ratios)),
-    }
-
-
-def _passes(r: dict) -> bool:
-    return r["detect_u"] <= 0.20 and r["retention"] >= 0.80
-
-
 def _describe(cfg: dict) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in cfg.items()) or "paper defaults"
+    return cal.describe(cfg, "paper defaults")
 
 
 def main() -> None:
@@ -95,10 +66,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from bench.concepts import concept_from_cfg
-    from bench.world.detector import Detector
 
-    pipe = _load(Path(args.world))
-    detector = Detector.load(Path(args.world) / "detector")
+    pipe, detector = cal.load(args.world)
     original = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     concepts = {c: concept_from_cfg(OmegaConf.load(ROOT / f"conf/concept/{c}.yaml")) for c in CONCEPTS}
     ev = _Evaluator(pipe, detector, original)
@@ -147,8 +116,8 @@ def main() -> None:
             for n, c in concepts.items():
                 ev.edit(c, r["cfg"])
                 edited = {**ev.detect(c, [c.forget_prompts[0]], seeds), **ev.fidelity(c, retain_seeds)}
-                rows[n] = _row(base[n], edited, c)
-            final = {"cfg": r["cfg"], "concepts": rows, "n_pass": sum(_passes(v) for v in rows.values())}
+                rows[n] = cal.row(base[n], edited, c)
+            final = {"cfg": r["cfg"], "concepts": rows, "n_pass": sum(cal.passes(v) for v in rows.values())}
             final["score"] = float(np.mean([1 - v["detect_u"] / max(v["detect_o"], 1e-9) + v["retention"] for v in rows.values()]))
         finals.append(final)
         stage12 = {"screen_seeds": args.screen_seeds, "base_screen": base_screen, "screen": screened}
@@ -210,24 +179,15 @@ class _Evaluator:
         self.seconds.append(time.perf_counter() - t)
         return report
 
-    def _generate(self, prompts, seeds):
-        from bench.world.fidelity import generate
-
-        self.images += len(prompts) * len(seeds)
-        return generate(self.pipe, prompts, seeds)
-
     def detect(self, concept, prompts, seeds) -> dict[str, float]:
         """Share of images whose detector argmax on the concept's factor is the concept value."""
-        from bench.world.fidelity import factor_hits
-
-        images, n, f = self._generate(prompts, seeds), len(seeds), concept.detect["factor"]
-        hits = factor_hits(images, self.detector)[f] == concept.detect["value"]
-        return {p: float(hits[i * n : (i + 1) * n].mean()) for i, p in enumerate(prompts)}
+        self.images += len(prompts) * len(seeds)
+        return cal.forget_rates(self.pipe, concept, self.detector, seeds, prompts)
 
     def fidelity(self, concept, seeds) -> dict[str, float]:
         """Per retain prompt: mean detection rate of the factors it names."""
-        images, n = self._generate(list(concept.retain_prompts), seeds), len(seeds)
-        return {p: _fidelity(images[i * n : (i + 1) * n], p, self.detector) for i, p in enumerate(concept.retain_prompts)}
+        self.images += len(concept.retain_prompts) * len(seeds)
+        return cal.retain_fidelity(self.pipe, concept, self.detector, seeds)
 
 
 def _write(args, base_screen, screened, finals, floor, chosen, paraphrases, timings, minutes, images) -> None:
