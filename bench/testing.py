@@ -114,3 +114,20 @@ def perturbed_unet(unet, scale: float = 0.05, seed: int = 1):
             if ".attn2." in name:
                 p.add_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.device, p.dtype))
     return star
+
+
+def tiny_concept(**overrides):
+    """The ``star`` concept the method tests unlearn from tiny pipelines (fields overridable)."""
+    from bench.concepts import Concept
+
+    fields = dict(
+        name="star",
+        kind="object",
+        target="star",
+        anchor="shape",
+        forget_prompts=("a star",),
+        retain_prompts=("a circle",),
+        retain_concepts=("circle", "square"),
+        anchor_prompts=("a shape", "a red shape"),
+    )
+    return Concept(**{**fields, **overrides})

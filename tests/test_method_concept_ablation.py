@@ -9,9 +9,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from bench.concepts import Concept
 from bench.hparams import ConfigError, check_params
-from bench.testing import tiny_sd_pipeline
+from bench.testing import tiny_concept, tiny_sd_pipeline
 from methods import concept_ablation as ca
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,13 +23,9 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CONCEALBENCH_CACHE", str(tmp_path / "cache"))
 
 
-def star(**kw) -> Concept:
-    base = dict(
-        name="star", kind="object", target="star", anchor="shape, object",
-        forget_prompts=("a star",), retain_prompts=("a circle",), retain_concepts=("circle", "square"),
-        anchor_prompts=("a shape", "a red shape", "an object on a plain background"),
-    )
-    return Concept(**{**base, **kw})
+def star(**kw):
+    return tiny_concept(**{"anchor": "shape, object",
+                           "anchor_prompts": ("a shape", "a red shape", "an object on a plain background"), **kw})
 
 
 def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

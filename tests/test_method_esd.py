@@ -7,26 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.concepts import Concept
 from bench.hparams import ConfigError, check_params
-from bench.testing import sd_scheduler, tiny_sd_pipeline
+from bench.testing import sd_scheduler, tiny_concept, tiny_sd_pipeline
 from methods.esd import _ddim_sampler, _embed, _plan, _sample, unlearn
 
 FAST = {"iterations": 3, "ddim_steps": 4, "lr": 1e-3}
 
 
-def _concept(target: str = "star") -> Concept:
-    return Concept(
-        name="star",
-        kind="object",
-        target=target,
-        anchor="shape",
-        forget_prompts=("a star",),
-        retain_prompts=("a circle",),
-        retain_concepts=("circle", "square"),
-        anchor_prompts=("a shape", "a red shape"),
-        render=lambda n, seed: np.random.default_rng(seed).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
-    )
+def _concept(target: str = "star"):
+    return tiny_concept(target=target, render=lambda n, seed: np.random.default_rng(seed).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8))
 
 
 def _run(pipe, seed: int = 0, target: str = "star", **kw) -> dict:

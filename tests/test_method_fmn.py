@@ -9,9 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 import methods.fmn as fmn
-from bench.concepts import Concept
 from bench.hparams import ConfigError, check_params
-from bench.testing import tiny_sd_pipeline
+from bench.testing import tiny_concept, tiny_sd_pipeline
 from methods.fmn import unlearn
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -27,19 +26,8 @@ def _render(n: int, seed: int) -> np.ndarray:
     return img
 
 
-def _concept(**kw) -> Concept:
-    fields = dict(
-        name="star",
-        kind="object",
-        target="star",
-        anchor="shape",
-        forget_prompts=("a star",),
-        retain_prompts=("a circle",),
-        retain_concepts=("circle", "square"),
-        anchor_prompts=("a shape", "a red shape"),
-        render=_render,
-    )
-    return Concept(**{**fields, **kw})
+def _concept(**kw):
+    return tiny_concept(**{"render": _render, **kw})
 
 
 def _state(module) -> dict[str, torch.Tensor]:

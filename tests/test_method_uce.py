@@ -7,27 +7,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bench.concepts import Concept
 from bench.hparams import ConfigError, check_params
-from bench.testing import tiny_sd_pipeline
+from bench.testing import tiny_concept, tiny_sd_pipeline
 from methods.uce import unlearn
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EOS = 49407
 
 
-def _concept(**kw) -> Concept:
-    fields = dict(
-        name="star",
-        kind="object",
-        target="star",
-        anchor="shape",
-        forget_prompts=("a star",),
-        retain_prompts=("a circle",),
-        retain_concepts=("circle", "square", "heart"),
-        anchor_prompts=("a shape", "a red shape"),
-    )
-    return Concept(**{**fields, **kw})
+def _concept(**kw):
+    return tiny_concept(**{"retain_concepts": ("circle", "square", "heart"), **kw})
 
 
 def _kv(unet) -> dict[str, torch.Tensor]:
