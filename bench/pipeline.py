@@ -28,6 +28,9 @@ class DeltaError(ValueError):
     """A delta file that is corrupt, foreign, or made for another base model."""
 
 
+DELTA_FORMAT = json.dumps("concealbench-delta-v1")  # header value marking a delta file (save_delta)
+
+
 def model_path(model_cfg: Any) -> str:
     """Local directory or Hub id of the model a config names."""
     if model_cfg.get("path"):
@@ -181,7 +184,7 @@ def save_delta(path: str | Path, base: dict[str, torch.Tensor], unet: torch.nn.M
     delta = changed_tensors(base, unet)
     meta = {k: json.dumps(v, sort_keys=True, default=str) for k, v in metadata.items()}
     meta["base_hash"] = json.dumps(state_hash(base))
-    meta["format"] = json.dumps("concealbench-delta-v1")
+    meta["format"] = DELTA_FORMAT
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -190,21 +193,44 @@ def save_delta(path: str | Path, base: dict[str, torch.Tensor], unet: torch.nn.M
     return sorted(delta)
 
 
-def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and metadata of a delta file; ``DeltaError`` if it is not one."""
+def read_safetensors(path: str | Path, label: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and raw header metadata of a safetensors file, read once; ``DeltaError`` naming
+    ``label`` (default: the path) if it is missing, truncated or not safetensors."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    path = Path(path)
+    label = label or f"`{path}`"
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
-        tensors = load_file(str(path))
+        return load_file(str(path)), raw
     except (SafetensorError, OSError, ValueError) as e:
-        raise DeltaError(f"`{path}` is not a readable safetensors file: {e}") from e
-    if raw.get("format") != json.dumps("concealbench-delta-v1"):
+        raise DeltaError(f"{label} is not a readable safetensors file: {e}") from e
+
+
+def decode_meta(raw: dict[str, str]) -> dict[str, Any]:
+    """A delta header's values are JSON (``save_delta``)."""
+    return {k: json.loads(v) for k, v in raw.items()}
+
+
+def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of a delta file; ``DeltaError`` if it is not one."""
+    tensors, raw = read_safetensors(path)
+    if raw.get("format") != DELTA_FORMAT:
         raise DeltaError(f"`{path}` is a safetensors file but not a ConcealBench delta (no format=concealbench-delta-v1 in its header)")
-    return tensors, {k: json.loads(v) for k, v in raw.items()}
+    return tensors, decode_meta(raw)
+
+
+def check_fits(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], label: str) -> None:
+    """``DeltaError`` unless every tensor names a UNet tensor of the same shape."""
+    unknown = [k for k in tensors if k not in own]
+    if unknown:
+        hint = " (CompVis names: convert the checkpoint to diffusers names first)" if unknown[0].startswith("model.") else ""
+        raise DeltaError(f"{label} is foreign to this UNet: {len(unknown)} of {len(tensors)} tensors have no counterpart, "
+                         f"first {unknown[0]!r}{hint}")
+    for k, v in tensors.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise DeltaError(f"{label}: tensor {k!r} has shape {tuple(v.shape)}, this UNet's is {tuple(own[k].shape)}")
 
 
 def apply_delta(unet: torch.nn.Module, path: str | Path, base_hash: str | None = None) -> dict[str, Any]:
@@ -212,12 +238,7 @@ def apply_delta(unet: torch.nn.Module, path: str | Path, base_hash: str | None =
     tensors, meta = read_delta(path)
     if base_hash is not None and meta.get("base_hash") != base_hash:
         raise DeltaError(f"`{path}` was made for base model {meta.get('base_hash')}, not this one ({base_hash})")
-    own = unet.state_dict()
-    for k, v in tensors.items():
-        if k not in own:
-            raise DeltaError(f"`{path}` holds tensor {k!r}, which this UNet does not have")
-        if own[k].shape != v.shape:
-            raise DeltaError(f"`{path}`: tensor {k!r} has shape {tuple(v.shape)}, the UNet's is {tuple(own[k].shape)}")
+    check_fits(unet.state_dict(), tensors, f"`{path}`")
     missing, unexpected = unet.load_state_dict(tensors, strict=False)
     assert not unexpected
     return meta

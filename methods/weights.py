@@ -21,51 +21,34 @@ Run:  python -m bench method=weights method.params.path=/path/to/unet.safetensor
 """
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import torch
 
 from bench.hparams import SafetensorsFile
-from bench.pipeline import DeltaError, read_delta, state_hash
-
-DELTA_FORMAT = json.dumps("concealbench-delta-v1")
-
-
-def _read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        return load_file(path), meta
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DeltaError(f"`method.params.path` = {path!r} is not a readable safetensors file: {e}") from e
+from bench.pipeline import (
+    DELTA_FORMAT,
+    DeltaError,
+    check_fits,
+    decode_meta,
+    read_safetensors,
+    state_hash,
+)
 
 
 def unlearn(pipe: Any, concept: Any, *, path: Annotated[str, SafetensorsFile()]) -> dict[str, Any]:
     """Load ``path`` into ``pipe.unet`` in place (checked: names, shapes, base model); no training."""
-    tensors, raw = _read(path)
+    label = f"`method.params.path` = {path!r}"
+    tensors, raw = read_safetensors(path, label)
     own = pipe.unet.state_dict()
     kind = "state dict"
     if raw.get("format") == DELTA_FORMAT:
-        tensors, meta = read_delta(path)
-        base = meta.get("base_hash")
-        mine = state_hash(own)
+        meta = decode_meta(raw)
+        base, mine = meta.get("base_hash"), state_hash(own)
         if base is not None and base != mine:
-            raise DeltaError(f"`method.params.path` = {path!r} is a delta for base model {base}, not for this one ({mine})")
+            raise DeltaError(f"{label} is a delta for base model {base}, not for this one ({mine})")
         kind = f"ConcealBench delta ({meta.get('method')}, {meta.get('concept')})"
-    unknown = [k for k in tensors if k not in own]
-    if unknown:
-        hint = " (CompVis names: convert the checkpoint to diffusers names first)" if unknown[0].startswith("model.") else ""
-        raise DeltaError(
-            f"`method.params.path` = {path!r} is foreign to this UNet: {len(unknown)} of {len(tensors)} tensors have "
-            f"no counterpart, first {unknown[0]!r}{hint}"
-        )
-    for k, v in tensors.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise DeltaError(f"`method.params.path` = {path!r}: tensor {k!r} has shape {tuple(v.shape)}, this UNet's is {tuple(own[k].shape)}")
+    check_fits(own, tensors, label)
     with torch.no_grad():
         for k, v in tensors.items():
             own[k].copy_(v.to(own[k].dtype))
