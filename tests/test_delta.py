@@ -3,7 +3,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.pipeline import DeltaError, apply_delta, read_delta, save_delta, snapshot_state, state_hash
+from bench.pipeline import (
+    DeltaError,
+    apply_delta,
+    read_delta,
+    save_delta,
+    snapshot_state,
+    state_hash,
+)
 from bench.testing import perturbed_unet, tiny_sd_pipeline
 
 
