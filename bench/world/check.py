@@ -48,23 +48,13 @@ def _fmt(v: float | None) -> str:
 
 
 def detector_accuracy(world: Path, det: Detector, n: int = 2000) -> dict:
+    """The oracle on ``n`` fresh renders (the build's held-out seed) through the shipped VAE."""
     from diffusers import AutoencoderKL
 
-    from bench.world.train import reconstruct
+    from bench.world.train import accuracy_report
 
-    test = render_random(n, seed=999_999)
-    labels = {"shape": test.shape, "colour": test.colour, "texture": test.texture}
     vae = AutoencoderKL.from_pretrained(str(world / "vae"), torch_dtype=torch.float32)
-    out = {}
-    for name, imgs in (("renders", test.images), ("vae_reconstructions", reconstruct(vae, test.images))):
-        p = det.predict(imgs)
-        out[name] = {h: float((p[h].argmax(1) == labels[h]).mean()) for h in HEADS}
-    # the duller tones of generated images: shape and texture must survive them (colour cannot)
-    x = test.images.astype(np.float32)
-    for name, imgs in (("darkened_x0.5", x * 0.5), ("desaturated_50pct", 0.5 * x + 0.5 * x.mean(-1, keepdims=True))):
-        p = det.predict(np.clip(imgs, 0, 255).astype(np.uint8))
-        out[name] = {h: float((p[h].argmax(1) == labels[h]).mean()) for h in ("shape", "texture")}
-    return out
+    return accuracy_report(det, vae, render_random(n, seed=999_999))
 
 
 def run_check(world: Path, seeds: int = 64, out: Path | None = None) -> dict:

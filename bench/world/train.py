@@ -271,19 +271,23 @@ def train_detector(cfg: BuildConfig, vae_dir: Path) -> Path:
 
 
 def evaluate_detector(cfg: BuildConfig, det: Detector, vae) -> dict:
-    """Accuracy per head on held-out renders and on their VAE reconstructions."""
+    """Accuracy per head on the held-out renders (``accuracy_report``) and their count."""
     test = test_set(cfg)
+    return {**accuracy_report(det, vae, test), "n": len(test)}
+
+
+def accuracy_report(det: Detector, vae, test) -> dict:
+    """Accuracy per head on rendered ``test`` images and on their VAE reconstructions; shape and
+    texture also on darkened and desaturated copies (the duller tones of generated images)."""
     labels = {"shape": test.shape, "colour": test.colour, "texture": test.texture}
     out = {}
     for name, imgs in (("renders", test.images), ("vae_reconstructions", reconstruct(vae, test.images))):
         p = det.predict(imgs)
         out[name] = {h: float((p[h].argmax(1) == labels[h]).mean()) for h in HEADS}
-    # robustness to the duller tones of generated images (shape and texture only: tone is colour)
     x = test.images.astype(np.float32)
     for name, imgs in (("darkened_x0.5", x * 0.5), ("desaturated_50pct", 0.5 * x + 0.5 * x.mean(-1, keepdims=True))):
         p = det.predict(np.clip(imgs, 0, 255).astype(np.uint8))
         out[name] = {h: float((p[h].argmax(1) == labels[h]).mean()) for h in TONE_HEADS}
-    out["n"] = len(test)
     return out
 
 
