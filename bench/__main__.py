@@ -26,15 +26,15 @@ def main(cfg: DictConfig) -> float:
 
 
 def _record() -> dict | None:
-    import json
     from pathlib import Path
 
     from hydra.core.hydra_config import HydraConfig
 
-    pointer = Path(HydraConfig.get().runtime.output_dir) / "result.json"
+    from bench.sweep_report import read_result
+
     try:
-        return json.loads(Path(json.loads(pointer.read_text())["record"]).read_text())
-    except (OSError, ValueError, KeyError):
+        return read_result(Path(HydraConfig.get().runtime.output_dir))[1]
+    except (OSError, ValueError, KeyError):  # no pointer: the job stopped before writing one
         return None
 
 

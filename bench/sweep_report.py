@@ -30,14 +30,29 @@ def objective(row: dict) -> float | None:
     return e - max(0.0, 2 * (c - 0.5))
 
 
+def metric(record: dict, name: str) -> float | None:
+    """A metric's value from a record: forget-prompt ``metrics`` first, then the ``retain`` block."""
+    m, r = record.get("metrics") or {}, record.get("retain") or {}
+    return (m.get(name) or r.get(name) or {}).get("value")
+
+
+def read_result(job_dir: Path) -> tuple[dict, dict | None]:
+    """The ``result.json`` pointer ``bench.run`` leaves in a Hydra job directory, and the record
+    it points to (None when the record is missing or unreadable)."""
+    info = json.loads((job_dir / "result.json").read_text())
+    try:
+        return info, json.loads(Path(info["record"]).read_text())
+    except (OSError, ValueError):
+        return info, None
+
+
 def search_value(record: dict | None) -> float:
     """The value the Optuna search maximises: ``objective`` where the retention floor holds; below
     it, −1 minus the retention shortfall (worse than any feasible point, ≥ −1, but still ordered so
     the sampler is steered back towards retention); −2 for a failed or missing job."""
     if not record or record.get("status") != "ok":
         return -2.0
-    m, r = record.get("metrics") or {}, record.get("retain") or {}
-    row = {k: (m.get(k) or r.get(k) or {}).get("value") for k in ("erasure", "retention", "crs")}
+    row = {k: metric(record, k) for k in ("erasure", "retention", "crs")}
     value = objective(row)
     if value is not None:
         return float(value)
@@ -67,16 +82,14 @@ def _hparams(overrides: list[str]) -> dict[str, str]:
 def load_rows(sweep_dir: Path) -> list[dict]:
     rows = []
     for res in sorted(sweep_dir.glob("*/result.json"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0):
-        info = json.loads(res.read_text())
-        rec = json.loads(Path(info["record"]).read_text()) if Path(info["record"]).exists() else {}
+        info, rec = read_result(res.parent)
+        rec = rec or {}
         row = {"job": res.parent.name, "overrides": " ".join(o for o in info["overrides"] if "params" in o or o.startswith("method=")),
                "status": rec.get("status", info["status"]), "record": info["record"], "hparams": _hparams(info["overrides"]),
                "params": (rec.get("method") or {}).get("params"), "method": (rec.get("method") or {}).get("name"),
                "model": (rec.get("model") or {}).get("name")}
-        m, r = rec.get("metrics") or {}, rec.get("retain") or {}
         for k in COLUMNS:
-            v = (m.get(k) or r.get(k) or {}).get("value")
-            row[k] = v
+            row[k] = metric(rec, k)
         row["seconds"] = (rec.get("cost") or {}).get("total_seconds")
         row["objective"] = objective(row)
         rows.append(row)
