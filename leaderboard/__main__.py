@@ -55,13 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def find_browser() -> str | None:
+    """Debian's chromium (or another Chromium-family binary) on PATH."""
+    import shutil
+
+    return next((b for b in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if b), None)
+
+
 def screenshot(page: Path, png: Path, width: int, height: int) -> int:
     """Render ``page`` (file://, no network) with Debian's chromium into ``png``; atomic."""
     import shutil
     import subprocess
     import tempfile
 
-    browser = next((b for b in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if b), None)
+    browser = find_browser()
     if browser is None:
         print("error: screenshot needs a chromium binary on PATH (apt-get install chromium)", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from leaderboard.__main__ import find_browser
 from leaderboard.build import build
 from leaderboard.samples import bad_records, good_records, write_samples
 
@@ -27,7 +28,7 @@ try:
 except ImportError:
     websocket = None
 
-CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+CHROMIUM = find_browser()
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 pytestmark = pytest.mark.timeout(240)  # ~10 s on an idle machine; chromium starts slowly under load
 
