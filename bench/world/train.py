@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,41 @@ from bench.world.detector import HEADS, Detector
 from bench.world.render import FACTORS, render_random
 
 ASSET_DIR = Path(__file__).parent / "assets" / "shapes"
+CONCEPT_DIR = Path(__file__).resolve().parents[2] / "conf" / "concept"
+# Seed offsets of the first gold models (their shipped weights were trained with them); any later
+# preset gets a stable offset from its name, so adding a preset never changes another's gold.
+_GOLD_JOB_IDS = {"red": 1, "star": 2, "stripes": 3}
+
+
+@dataclass(frozen=True)
+class GoldSpec:
+    """A gold-standard model to train: the preset's name, a stable seed offset, and the
+    (factor, value) pairs whose images are left out of its training data (any of them)."""
+
+    name: str
+    job_id: int
+    exclude: tuple[tuple[str, str], ...]
+
+
+def gold_specs(concept_dir: Path = CONCEPT_DIR) -> dict[str, GoldSpec]:
+    """Every Shapes concept preset (``conf/concept/*.yaml`` with a ``detect`` spec on a world
+    factor) as a gold model to train; the preset is the registry, there is no second list."""
+    import zlib
+
+    import yaml
+
+    specs = {}
+    for path in sorted(Path(concept_dir).glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        detect = data.get("detect")
+        parts = detect if isinstance(detect, list) else [detect] if isinstance(detect, dict) else []
+        pairs = tuple((d.get("factor"), d.get("value")) for d in parts)
+        if not pairs or any(f not in FACTORS or v not in FACTORS[f] for f, v in pairs):
+            continue  # not a Shapes concept (SD presets name other detectors)
+        name = data.get("name", path.stem)
+        job_id = _GOLD_JOB_IDS.get(name, 4 + zlib.crc32(name.encode()) % 10_000)
+        specs[name] = GoldSpec(name, job_id, pairs)
+    return specs
 
 
 @dataclass
@@ -52,7 +87,6 @@ class BuildConfig:
     eval_seeds: int = 16
     ckpt_every: int = 200
     stop_at: int | None = None  # stop (after checkpointing) at this step: emulates a killed job in tests
-    gold_concepts: dict = field(default_factory=lambda: {"star": ("shape", "star"), "stripes": ("texture", "stripes"), "red": ("colour", "red")})
 
     def job_dir(self, name: str) -> Path:
         d = Path(self.build_dir) / name
@@ -297,7 +331,11 @@ def latents(cfg: BuildConfig, vae_dir: Path) -> np.ndarray:
     """Scaled VAE posterior means of the training set, cached as ``latents.npy``."""
     from diffusers import AutoencoderKL
 
-    path = Path(cfg.build_dir) / f"latents-{cfg.n_train}-{cfg.seed}.npy"
+    # Keyed by the VAE's weights: latents of a rebuilt VAE and of the shipped one never mix.
+    from bench.hparams import SafetensorsFile
+
+    tag = SafetensorsFile.fingerprint(Path(vae_dir) / "diffusion_pytorch_model.safetensors")[:10]
+    path = Path(cfg.build_dir) / f"latents-{cfg.n_train}-{cfg.seed}-{tag}.npy"
     if path.exists():
         return np.load(path, mmap_mode="r")
     vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
@@ -311,6 +349,13 @@ def latents(cfg: BuildConfig, vae_dir: Path) -> np.ndarray:
     np.save(tmp, out)
     tmp.replace(path)
     return np.load(path, mmap_mode="r")
+
+
+def built(cfg: BuildConfig, part: str) -> Path | None:
+    """The finished output of a build part in ``build_dir`` (``vae``, ``detector``, ``base``), or None."""
+    final = Path(cfg.build_dir) / part / "final"
+    marker = {"vae": "config.json", "detector": "model.safetensors", "base": "unet/config.json"}[part]
+    return final if (final / marker).exists() else None
 
 
 class _Tokens:
@@ -371,20 +416,24 @@ def train_unet(cfg: BuildConfig, vae_dir: Path, detector_dir: Path, concept: str
     if (final / "unet" / "config.json").exists():
         return final
     steps = cfg.unet_steps if concept is None else cfg.gold_steps
-    job_id = 0 if concept is None else 1 + sorted(cfg.gold_concepts).index(concept)
+    spec = None if concept is None else gold_specs()[concept]
+    job_id = 0 if spec is None else spec.job_id
     torch.manual_seed(cfg.seed + job_id)
     ds = training_set(cfg)
     lat = latents(cfg, vae_dir)
     facs = {f: np.asarray(ds.select_columns([f])[:][f]) for f in FACTORS}
     idx = np.arange(len(ds))
-    if concept is not None:
-        factor, value = cfg.gold_concepts[concept]
-        idx = idx[facs[factor] != FACTORS[factor].index(value)]
+    if spec is not None:
+        keep = np.ones(len(idx), dtype=bool)
+        for factor, value in spec.exclude:
+            keep &= facs[factor] != FACTORS[factor].index(value)
+        idx = idx[keep]
     tokenizer = build_clip_tokenizer(Path(cfg.build_dir) / "tokenizer", model_max_length=TEXT_LEN)
     tokens = _Tokens(tokenizer)
     unet = make_unet()
     train_text = concept is None
-    te = make_text_encoder() if train_text else CLIPTextModel.from_pretrained(str(text_dir))
+    # The shipped text encoder is stored in fp16: gold training reads it in fp32, as the base trained it.
+    te = make_text_encoder() if train_text else CLIPTextModel.from_pretrained(str(text_dir), dtype=torch.float32)
     te.requires_grad_(train_text)
     ema_unet, ema_te = copy.deepcopy(unet), copy.deepcopy(te)
     params = list(unet.parameters()) + (list(te.parameters()) if train_text else [])
