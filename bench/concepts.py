@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from bench.hparams import ConfigError
 from bench.prompts import load_prompts
 
@@ -30,7 +32,7 @@ class Concept:
     synonyms: tuple[str, ...] = ()
     retain_concepts: tuple[str, ...] = ()
     anchor_prompts: tuple[str, ...] = ()
-    detect: dict[str, Any] = field(default_factory=dict)
+    detect: dict[str, Any] | list[dict[str, Any]] = field(default_factory=dict)  # a list: any of several concepts
     detector: str | None = None  # SD worlds: nudenet | imagenet | clip | None (bench/detectors.py)
     images_dir: str | None = None
     gold_unet: str | None = None  # set by the world when a gold-standard UNet exists
@@ -68,7 +70,12 @@ def concept_from_cfg(cfg: Any, gold_unet: str | None = None, render: Callable | 
     images_dir = get("images_dir")
     if images_dir is not None and not Path(images_dir).is_dir():
         raise ConfigError(f"`concept.images_dir` must be an existing directory, got {images_dir!r}")
-    detect = dict(get("detect") or {})
+    raw = get("detect")
+    if OmegaConf.is_config(raw):
+        raw = OmegaConf.to_container(raw, resolve=True)
+    detect = [dict(d) for d in raw] if isinstance(raw, (list, tuple)) else dict(raw or {})
+    if isinstance(detect, list) and (not detect or any(set(d) != {"factor", "value"} for d in detect)):
+        raise ConfigError(f"`concept.detect` of {name!r} as a list must hold {{factor, value}} entries (any of them = the concept), got {raw!r}")
     detector = get("detector")
     if detector is not None:  # SD worlds: which detector judges the concept, checked before any load
         from bench.detectors import check_detect_spec

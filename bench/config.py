@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from bench.hparams import ConfigError, check_params
 
 WORLDS = ("shapes", "sd")
-SPLITS = ("step", "timestep")
 BACKBONES = ("detector_trunk", "resnet18_imagenet", "resnet18_scratch")
 LOGGERS = ("wandb", "none")
 
@@ -51,29 +51,21 @@ def _number(cfg: Any, key: str, *, lo: float | None = None, hi: float | None = N
     return v
 
 
-def check_psi(psi: Any, key: str = "attack.psi") -> list[float]:
-    """ψ grid: a non-empty, strictly increasing list of numbers in [0, 1]."""
-    if OmegaConf.is_list(psi):
-        psi = OmegaConf.to_container(psi)
-    if not isinstance(psi, (list, tuple)) or not psi:
-        raise ConfigError(f"`{key}` must be a non-empty list of numbers in [0, 1], got {psi!r}")
-    for p in psi:
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p <= 1:
-            raise ConfigError(f"`{key}` values must be numbers in [0, 1], got {p!r} in {list(psi)}")
-    if any(b <= a for a, b in zip(psi, psi[1:], strict=False)):
-        raise ConfigError(f"`{key}` must be sorted and without duplicates, got {list(psi)}")
-    return [float(p) for p in psi]
-
-
 def check_eval(cfg: DictConfig) -> None:
     _number(cfg, "eval.n", lo=1, integer=True)
-    _number(cfg, "eval.attack_seeds", lo=1, integer=True)
     _number(cfg, "eval.detect_n", lo=1, integer=True)
     _number(cfg, "eval.steps", lo=1, integer=True)
     _number(cfg, "eval.guidance", lo=0)
     _number(cfg, "eval.batch_size", lo=1, integer=True)
     for k in ("max_forget_prompts", "max_retain_prompts"):
         _number(cfg, f"eval.{k}", lo=1, integer=True, allow_none=True)
+    check_classifier(cfg)
+
+
+def check_classifier(cfg: DictConfig) -> None:
+    """Every ``eval.classifier`` setting, checked by the classifier's own rules before any load."""
+    from bench.classifier import ClassifierConfig, min_images_per_class
+
     c = cfg.eval.classifier
     if c.backbone not in BACKBONES:
         raise ConfigError(f"`eval.classifier.backbone` must be one of {', '.join(BACKBONES)}, got {c.backbone!r}")
@@ -83,20 +75,34 @@ def check_eval(cfg: DictConfig) -> None:
     _number(cfg, "eval.classifier.epochs", lo=1, integer=True)
     _number(cfg, "eval.classifier.batch_size", lo=2, integer=True)
     _number(cfg, "eval.classifier.lr", lo=1e-12)
-    _number(cfg, "eval.classifier.momentum", lo=0, hi=1)
     _number(cfg, "eval.classifier.val_frac", lo=0.01, hi=0.9)
     _number(cfg, "eval.classifier.margin", lo=0)
     _number(cfg, "eval.classifier.negatives", lo=1, integer=True)
+    _number(cfg, "eval.classifier.momentum", lo=0)
+    known = set(ClassifierConfig.__dataclass_fields__) - {"seed"}
+    unknown = sorted(set(c) - known)
+    if unknown:
+        raise ConfigError(f"`eval.classifier.{unknown[0]}` is not a classifier setting; allowed: {', '.join(sorted(known))}")
+    ccfg = ClassifierConfig(**OmegaConf.to_container(c, resolve=True))
+    try:
+        ccfg.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     # The paper's split: 80/20 of the n images per class; each class needs ≥ 2 validation and
     # ≥ negatives + 2 training images (the triplet loss draws a positive and `negatives` negatives).
-    from bench.classifier import ClassifierConfig, min_images_per_class
-
-    c = cfg.eval.classifier
-    need = min_images_per_class(ClassifierConfig(val_frac=float(c.val_frac), negatives=int(c.negatives)))
+    need = min_images_per_class(ccfg)
     if cfg.eval.n < need:
         raise ConfigError(f"`eval.n` = {cfg.eval.n} is too small for the classifier's {1 - c.val_frac:.0%}/{c.val_frac:.0%} split with {c.negatives} negatives; need at least {need}")
-    if cfg.eval.attack_seeds < 2:
-        raise ConfigError(f"`eval.attack_seeds` must be at least 2 (KID and the bootstrap intervals need two attacked images per ψ), got {cfg.eval.attack_seeds}")
+
+
+SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+
+
+def check_slug(value: Any, key: str) -> None:
+    """A name that becomes a folder of the run directory: one safe path component."""
+    if not isinstance(value, str) or not SLUG.match(value) or ".." in value:
+        raise ConfigError(f"`{key}` must be a name of 1-64 letters, digits and _ . + - (it becomes a folder name; "
+                          f"no '/', no '..', no leading dot), got {value!r}")
 
 
 def check_writable(path: str, key: str = "out_dir") -> None:
@@ -108,24 +114,32 @@ def check_writable(path: str, key: str = "out_dir") -> None:
         raise ConfigError(f"`{key}` must be a writable directory, got {path!r}")
 
 
+def check_probes(cfg: DictConfig, concept: Any) -> list:
+    from bench.probes import build_probes
+
+    probes = build_probes(cfg.get("probes"))
+    for probe in probes:
+        probe.check_world(concept, cfg.model.get("world"))
+    return probes
+
+
 def validate(cfg: DictConfig) -> dict[str, Any]:
-    """Check the whole config; return the method function and its resolved hyperparameters."""
+    """Check the whole config; return the method function, its resolved hyperparameters and the probes."""
     if cfg.model.get("world") not in WORLDS:
         raise ConfigError(f"`model.world` must be one of {', '.join(WORLDS)}, got {cfg.model.get('world')!r}")
     if cfg.logger.get("name") not in LOGGERS:
         raise ConfigError(f"`logger.name` must be one of {', '.join(LOGGERS)}, got {cfg.logger.get('name')!r}")
+    for key in ("model.name", "concept.name", "method.name"):
+        check_slug(OmegaConf.select(cfg, key), key)
     fn = load_target(cfg.method.get("_target_"))
     node = cfg.method.get("params")
     params = OmegaConf.to_container(node, resolve=True) if node is not None else {}
     resolved = check_params(fn, params)
     from bench.concepts import concept_from_cfg
 
-    concept_from_cfg(cfg.concept)
-    check_psi(cfg.attack.psi)
-    if cfg.attack.split not in SPLITS:
-        raise ConfigError(f"`attack.split` must be one of {', '.join(SPLITS)}, got {cfg.attack.split!r}")
-    _number(cfg, "attack.paper_seed", lo=0, integer=True, allow_none=True)
+    concept = concept_from_cfg(cfg.concept)
     check_eval(cfg)
+    probes = check_probes(cfg, concept)
     _number(cfg, "seed", lo=0, integer=True)
     _number(cfg, "threads", lo=1, integer=True, allow_none=True)
     check_writable(cfg.out_dir, "out_dir")
@@ -134,4 +148,4 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
 
     check_model_options(cfg.model)
     check_model_path(cfg.model)
-    return {"fn": fn, "params": resolved}
+    return {"fn": fn, "params": resolved, "probes": probes}

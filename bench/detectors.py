@@ -261,6 +261,16 @@ class FIDInception:
                 "torchmetrics": _version("torchmetrics"), "torch_fidelity": _version("torch-fidelity")}
 
 
+def strip_concept(prompt: str, concept: Any) -> str | None:
+    """The prompt without the concept's target words and synonyms (whole words, any case)."""
+    words = sorted({*getattr(concept, "targets", ()), *getattr(concept, "synonyms", ())}, key=len, reverse=True)
+    rest = prompt
+    for w in words:
+        rest = re.sub(rf"(?i)\b{re.escape(w)}\b", " ", rest)
+    rest = re.sub(r"\s+", " ", rest).strip(" ,.")
+    return rest or None
+
+
 # ----------------------------------------------------------------------------- the world's detector
 class SDDetector:
     """The SD world's detector object used by ``bench.run`` (same interface as ``ShapesDetector``)."""
@@ -294,6 +304,12 @@ class SDDetector:
 
     def clip_score(self, images: np.ndarray, prompt: str) -> np.ndarray:
         return self.clip.score(images, prompt)
+
+    def keeps(self, images: np.ndarray, prompt: str, concept: Any) -> np.ndarray | None:
+        """Specificity on SD (DESIGN §6): per image, CLIP score / 100 against the forget prompt with
+        the concept's words removed — does the rest of the prompt survive? None when nothing is left."""
+        rest = strip_concept(prompt, concept)
+        return None if rest is None else self.clip.score(images, rest) / 100.0
 
     def features(self, images: np.ndarray) -> np.ndarray:
         return self.inception(images)

@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import copy
 import json
-import os
 import resource
 import sys
 import tempfile
@@ -124,10 +123,10 @@ def _method(name: str, tiny: bool) -> tuple[Callable, dict, str]:
 
 
 def run(device: torch.device, tiny: bool, batch: int, autocast: str | None, methods: list[str]) -> dict[str, Any]:
-    from bench.attack import attack
     from bench.classifier import ClassifierConfig, train_classifier
     from bench.metrics import ccs, crs, kid
     from bench.pipeline import apply_memory_options
+    from bench.probes.partial_diffusion import attack
     from bench.sampling import NFECounter, SamplerConfig, decode, generate, prefix_snapshots
     from bench.testing import perturbed_unet
 
@@ -135,7 +134,7 @@ def run(device: torch.device, tiny: bool, batch: int, autocast: str | None, meth
     amp = (lambda: torch.autocast(device.type, dtype=getattr(torch, autocast))) if autocast and device.type == "cuda" else contextlib.nullcontext
     steps = 8 if tiny else 20
     n = 10  # images per set: the classifier's minimum at val_frac 0.2 with 3 negatives
-    sampler = SamplerConfig(steps=steps, guidance=7.5, batch_size=batch, split="timestep")
+    sampler = SamplerConfig(steps=steps, guidance=7.5, batch_size=batch)
     print(f"gpu-smoke: {'tiny' if tiny else 'SD v1.4 architecture, random weights, 512²'} on {device}, autocast {autocast if device.type == 'cuda' else None}, "
           f"batch {batch} images ({2 * batch} UNet rows with CFG), PNDM {steps} steps", file=sys.stderr)
     with meter.stage("build pipeline") as row:
@@ -158,11 +157,11 @@ def run(device: torch.device, tiny: bool, batch: int, autocast: str | None, meth
     seeds = [100_000 + s for s in range(2)]
     before = counter.total
     with meter.stage("θ-prefix snapshots", unit="UNet row") as row, amp():
-        snaps = prefix_snapshots(pipe, theta, prompt, seeds, PAPER_PSI, sampler, counter)
+        snaps = prefix_snapshots(pipe, theta, prompt, seeds, PAPER_PSI, sampler, counter, split="timestep")
         row["units"] = counter.total - before
     before = counter.total
     with meter.stage("attack (θ* continuations)", unit="UNet row") as row, amp():
-        lam_p = attack(pipe, theta, star, prompt, seeds, PAPER_PSI, sampler, snapshots=snaps, counter=counter)
+        lam_p = attack(pipe, theta, star, prompt, seeds, PAPER_PSI, sampler, snapshots=snaps, counter=counter, split="timestep")
         row["units"] = counter.total - before
     with meter.stage("classifier (1 epoch)", units=2 * n, unit="image"):
         clf = train_classifier(img_o, img_u, ClassifierConfig(backbone="resnet18_scratch", epochs=1), device=device)
@@ -173,14 +172,17 @@ def run(device: torch.device, tiny: bool, batch: int, autocast: str | None, meth
     _detector_stages(meter, device, np.concatenate([img_o, img_u])[:2] if tiny else np.concatenate([img_o, img_u]), tiny)
     concept = _concept()
     with tempfile.TemporaryDirectory(prefix="concealbench-gpu-smoke-") as cache:
-        os.environ["CONCEALBENCH_CACHE"] = cache  # Concept Ablation's anchor images: not the user's cache
+        from bench.context import MethodContext
+        from bench.hparams import takes_context
+
+        mctx = MethodContext(cache_dir=Path(cache))  # Concept Ablation's anchor images: not the user's cache
         for name in methods:
             fn, params, count = _method(name, tiny)
             pipe.unet = copy.deepcopy(theta).requires_grad_(False)
             steps_run = int(params.get(count, 1)) if count else 1
             try:
                 with meter.stage(f"unlearn: {name}", units=steps_run, unit="step") as row:
-                    report = fn(pipe, concept, **params) or {}
+                    report = fn(pipe, concept, **params, **({"ctx": mctx} if takes_context(fn) else {})) or {}
                     row["nfe"] = report.get("nfe")
             except torch.cuda.OutOfMemoryError as e:  # a finding, not a crash: the method needs more memory
                 meter.rows.append({"stage": f"unlearn: {name}", "error": f"CUDA out of memory: {str(e).splitlines()[0]}"})
@@ -230,12 +232,13 @@ def paper_table_counts() -> dict[str, Any]:
 
     conf = ROOT / "conf"
     ev = yaml.safe_load((conf / "eval" / "paper.yaml").read_text())
-    e, a = ev["eval"], ev["attack"]
+    e = ev["eval"]
+    a = e["probes"]["partial_diffusion"]
     sched = sd_scheduler("pndm")
     sched.set_timesteps(e["steps"])
     T = len(sched.timesteps)
     k = [prefix_steps(sched, p, a["split"]) for p in a["psi"]]
-    seeds_att = e["attack_seeds"] + (1 if a.get("paper_seed") is not None else 0)
+    seeds_att = a["seeds"] + (1 if a.get("paper_seed") is not None else 0)
     exp = yaml.safe_load((conf / "experiment" / "paper_table.yaml").read_text())
     pairs = str(exp["hydra"]["sweeper"]["params"]["pair"]).split(",")
     rows = decodes = 0

@@ -91,9 +91,18 @@ def file_fingerprints(fn: Callable, params: dict[str, Any]) -> dict[str, str]:
 _NO_DEFAULT = inspect.Parameter.empty
 
 
+CONTEXT_PARAM = "ctx"  # the harness's MethodContext, not a hyperparameter (bench/context.py)
+
+
 def declared(fn: Callable) -> dict[str, inspect.Parameter]:
-    """The keyword-only hyperparameters of ``fn`` (everything after ``*``)."""
-    return {n: p for n, p in inspect.signature(fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    """The keyword-only hyperparameters of ``fn`` (everything after ``*`` except ``ctx``)."""
+    return {n: p for n, p in inspect.signature(fn).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and n != CONTEXT_PARAM}
+
+
+def takes_context(fn: Callable) -> bool:
+    """Whether a method accepts the harness's ``ctx`` keyword."""
+    return CONTEXT_PARAM in inspect.signature(fn).parameters
 
 
 def _describe(hint) -> str:

@@ -99,6 +99,35 @@ def _as_float(v: float | None) -> float:
     return math.nan if v is None else float(v)
 
 
+def two_level_replicates(
+    units: Sequence[tuple[np.ndarray, ...]],
+    statistic: Callable[[list[tuple[np.ndarray, ...]]], float | None],
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> np.ndarray:
+    """Bootstrap replicates of a job-level statistic, resampling prompts, then seeds (DESIGN §6).
+
+    ``units[i]`` is prompt i's tuple of arrays whose rows are its seeds (paired arrays such as
+    detect_U and detect_O share the same seeds and are resampled together). One replicate draws
+    as many prompts as there are, with replacement, then for each drawn prompt as many seeds as it
+    has, with replacement, and evaluates ``statistic`` on the drawn list. Undefined replicates
+    (None) are NaN. Prompts are the larger source of spread (each has its own reference sets
+    and classifier); seeds within a prompt are exchangeable draws of the sampler's noise.
+    """
+    if not units:
+        raise ValueError("two_level_replicates needs at least one prompt")
+    rng = np.random.default_rng(seed)
+    out = np.empty(n_boot)
+    for b in range(n_boot):
+        picked = rng.integers(0, len(units), len(units))
+        draw = []
+        for i in picked:
+            rows = rng.integers(0, len(units[i][0]), len(units[i][0]))
+            draw.append(tuple(a[rows] for a in units[i]))
+        out[b] = _as_float(statistic(draw))
+    return out
+
+
 # --------------------------------------------------------------------------- input checks
 
 
@@ -242,17 +271,25 @@ def crs(
     and λ_U are alike its orientation is random and one prompt's CRS can sit away from 0.5.
     ``curve``: per-ψ ``retrieval`` rates.
     """
-    psis, att = _by_psi(feats_attacked_by_psi, "feats_attacked_by_psi", feature_dim=True)
-    dim = att.shape[-1]
-    fo, fu = _features(feats_o, "feats_o", dim), _features(feats_u, "feats_u", dim)
-    diff = _mean_cos(att, fo).mean(-1) - _mean_cos(att, fu).mean(-1)  # (n, n_psi)
-    r = np.where(np.abs(diff) < _TIE_ATOL, 0.5, (diff > 0).astype(np.float64))
+    psis, _ = _by_psi(feats_attacked_by_psi, "feats_attacked_by_psi", feature_dim=True)
+    r = retrieval_rows(feats_attacked_by_psi, feats_o, feats_u)
     return Metric(
         value=float(r.mean()),
         ci=bootstrap_ci(r, n_boot=n_boot, seed=seed),
         n=r.size,
         curve={"psi": psis, "retrieval": r.mean(axis=0).tolist()},
     )
+
+
+def retrieval_rows(
+    feats_attacked_by_psi: Mapping[float, np.ndarray], feats_o: np.ndarray, feats_u: np.ndarray
+) -> np.ndarray:
+    """The per-image retrieval of :func:`crs`, (n_images, n_psi): 1 closer to λ_O, 0 closer to λ_U, 0.5 a tie."""
+    _, att = _by_psi(feats_attacked_by_psi, "feats_attacked_by_psi", feature_dim=True)
+    dim = att.shape[-1]
+    fo, fu = _features(feats_o, "feats_o", dim), _features(feats_u, "feats_u", dim)
+    diff = _mean_cos(att, fo).mean(-1) - _mean_cos(att, fu).mean(-1)  # (n, n_psi)
+    return np.where(np.abs(diff) < _TIE_ATOL, 0.5, (diff > 0).astype(np.float64))
 
 
 # --------------------------------------------------------------------------- ψ-recovery

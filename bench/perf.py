@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> dict:
     import diffusers
     import torch
 
-    from bench.attack import naive_attack
+    from bench.probes.partial_diffusion import naive_attack
     from bench.sampling import (
         NFECounter,
         SamplerConfig,
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
         sys.exit(f"error: `--prompts` must be in [1, {len(PROMPTS)}], got {args.prompts}")
     if args.seeds < 1:
         sys.exit(f"error: `--seeds` must be >= 1, got {args.seeds}")
-    cfg = SamplerConfig(steps=args.steps, guidance=args.guidance, batch_size=args.batch_size, split=args.split)
+    cfg = SamplerConfig(steps=args.steps, guidance=args.guidance, batch_size=args.batch_size)
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe, model_id = _load(args)
@@ -104,11 +104,11 @@ def run(args: argparse.Namespace) -> dict:
     max_diff = max_abs = 0.0
     for prompt in prompts:
         t0 = time.perf_counter()
-        snaps = prefix_snapshots(pipe, pipe.unet, prompt, seeds, psis, cfg, ours_nfe)
+        snaps = prefix_snapshots(pipe, pipe.unet, prompt, seeds, psis, cfg, ours_nfe, split=args.split)
         t1 = time.perf_counter()
         ours = {p: continue_from(pipe, star, snaps[p], prompt, cfg, ours_nfe) for p in psis}
         t2 = time.perf_counter()
-        naive = naive_attack(pipe, pipe.unet, star, prompt, seeds, psis, cfg, naive_nfe)
+        naive = naive_attack(pipe, pipe.unet, star, prompt, seeds, psis, cfg, naive_nfe, split=args.split)
         t3 = time.perf_counter()
         t_prefix, t_cont, t_naive = t_prefix + t1 - t0, t_cont + t2 - t1, t_naive + t3 - t2
         for p in psis:
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> dict:
                      "diffusers": diffusers.__version__},
         "scheduler": type(pipe.scheduler).__name__,
         "config": {"prompts": prompts, "seeds": seeds, "psi": psis, "steps": cfg.steps,
-                   "guidance": cfg.guidance, "split": cfg.split, "batch_size": cfg.batch_size},
+                   "guidance": cfg.guidance, "split": args.split, "batch_size": cfg.batch_size},
         "ours": {"wall_s": t_ours, "wall_prefix_s": t_prefix, "wall_continue_s": t_cont,
                  "nfe": ours_nfe.total, "nfe_prefix": ours_nfe.by_stage.get("prefix", 0),
                  "nfe_continue": ours_nfe.by_stage.get("continue", 0)},

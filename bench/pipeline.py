@@ -7,9 +7,11 @@ parameter names, with the method, concept, hyperparameters and base-model hash i
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +48,21 @@ def check_model_path(model_cfg: Any) -> None:
     if path is None and model_cfg.get("world") != "shapes":
         return  # a Hub id: checked when loading
     p = Path(model_path(model_cfg))
+    key = "model.path" if path else "model (the shipped Shapes world)"
+    hint = "" if path else " — run `make world` to rebuild it"
     if not (p / "model_index.json").is_file():
-        key = "model.path" if path else "model (the shipped Shapes world)"
-        hint = "" if path else " — run `make world` to rebuild it"
         raise ConfigError(f"`{key}` must be a directory holding a diffusers pipeline (model_index.json), got {str(p)!r}{hint}")
+    try:
+        index = json.loads((p / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"`{key}`: {str(p / 'model_index.json')!r} is not readable JSON: {e}") from e
+    parts = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None]
+    if model_cfg.get("world") == "shapes":
+        parts.append("detector")  # the world's oracle: erasure, retention, specificity and recovery need it
+    missing = [k for k in parts if not (p / k).is_dir()]
+    if missing:
+        raise ConfigError(f"`{key}` = {str(p)!r} names a pipeline but lacks its {', '.join(missing)} folder"
+                          f"{'s' if len(missing) > 1 else ''}{hint}")
 
 
 def check_model_options(model_cfg: Any) -> None:
@@ -102,7 +115,10 @@ def load_pipeline(model_cfg: Any, device: str | torch.device = "cpu"):
     if model_cfg.get("revision") and not Path(path).exists():
         kwargs["revision"] = model_cfg.revision
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
+        with warnings.catch_warnings(), _quiet_loading():
+            # diffusers ≥ 0.36 renamed torch_dtype to dtype; the old name works everywhere we support.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
     except OSError as e:
         if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
             raise ConfigError(
@@ -115,6 +131,26 @@ def load_pipeline(model_cfg: Any, device: str | torch.device = "cpu"):
     apply_memory_options(pipe, model_cfg)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No "Loading pipeline components" / "Loading weights" bars: a job's own progress is what a user reads."""
+    from diffusers.utils import logging as dlog
+
+    try:
+        from transformers.utils import logging as tlog
+    except ImportError:  # pragma: no cover
+        tlog = None
+    dlog.disable_progress_bar()
+    if tlog is not None:
+        tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.enable_progress_bar()
+        if tlog is not None:
+            tlog.enable_progress_bar()
 
 
 def apply_memory_options(pipe, model_cfg: Any) -> None:

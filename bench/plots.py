@@ -16,28 +16,40 @@ def _plt():
     return plt
 
 
-def psi_curve_plot(curve: Sequence[dict], path: Path, title: str, gold: Sequence[dict] | None = None) -> None:
-    """P(original), retrieval rate and concept detection against ψ (forget prompts, mean).
+SERIES = (("detection", "concept detection", "C3"), ("p_original", "classifier P(original)", "C0"),
+          ("retrieval", "retrieval rate (CRS)", "C1"), ("specificity", "specificity (other factors kept)", "C2"))
 
-    ``gold`` overlays the gold-standard model's curves (dashed) when its record is cached: the gap
-    between the two is what the method conceals.
-    """
+
+def probe_curve_plot(curve: Sequence[dict], path: Path, title: str, xlabel: str, gold: Sequence[dict] | None = None,
+                     recover: dict | None = None, gold_recover: dict | None = None) -> None:
+    """A probe's recovery curve on the forget prompts: concept detection, P(original), retrieval
+    and specificity against the probe's axis, with the gold standard's curves dashed and both
+    recovery points (with their 95% intervals) marked where detection crosses 0.5."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.2, 3.8))
-    psi = [r["psi"] for r in curve]
-    styles = (("p_original", "classifier P(original)", "C0"), ("retrieval", "retrieval rate (CRS)", "C1"), ("detection", "concept detection", "C3"))
-    for key, label, colour in styles:
+    fig, ax = plt.subplots(figsize=(6.4, 3.9))
+    xs = [r["x"] for r in curve]
+    for key, label, colour in SERIES:
         ys = [r.get(key) for r in curve]
         if any(y is not None for y in ys):
-            ax.plot(psi, [np.nan if y is None else y for y in ys], "o-", color=colour, label=label)
+            ax.plot(xs, [np.nan if y is None else y for y in ys], "o-", ms=3, color=colour, label=label)
         if gold:
             gy = [r.get(key) for r in gold]
-            if any(y is not None for y in gy):
-                ax.plot([r["psi"] for r in gold], [np.nan if y is None else y for y in gy], "--", color=colour, alpha=0.6, label=f"{label}, gold standard")
+            if any(y is not None for y in gy) and key in ("detection", "p_original"):
+                ax.plot([r["x"] for r in gold], [np.nan if y is None else y for y in gy], "--", color=colour, alpha=0.6,
+                        label=f"{label}, gold standard")
+    for rec, colour, who in ((recover, "C3", "recovers"), (gold_recover, "grey", "gold recovers")):
+        if isinstance(rec, dict) and rec.get("value") is not None:
+            ci = rec.get("ci") or [None, None]
+            lo = ci[0] if ci[0] is not None else rec["value"]
+            hi = ci[1] if ci[1] is not None else max(xs)
+            ax.axvspan(lo, hi, color=colour, alpha=0.12, lw=0)
+            ax.axvline(rec["value"], color=colour, lw=1, ls="-." if who.startswith("gold") else "-",
+                       label=f"{who} at {rec['value']:.3g} [{lo:.3g}, {'never' if ci[1] is None else f'{hi:.3g}'}]")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set(xlabel="ψ (share of the trajectory denoised by the original model)", ylabel="rate", ylim=(-0.02, 1.02), title=title)
+    ax.set(xlabel=xlabel, ylabel="rate", ylim=(-0.02, 1.02), title=title)
+    ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=6.5, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -59,13 +71,24 @@ def image_grid(rows: Sequence[np.ndarray], path: Path, row_labels: Sequence[str]
             if j < len(r):
                 ax.imshow(r[j], interpolation="nearest")
         if row_labels:
-            axes[i][0].text(-0.15, 0.5, row_labels[i], transform=axes[i][0].transAxes, ha="right", va="center", fontsize=7)
+            axes[i][0].text(-0.08, 0.5, _wrap(row_labels[i]), transform=axes[i][0].transAxes, ha="right", va="center", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.subplots_adjust(left=0.18 if row_labels else 0.02, right=0.99, top=0.92 if title else 0.99, bottom=0.01, wspace=0.05, hspace=0.08)
+    # Room on the left for the labels (forget and retain rows must be told apart): inches, not a fraction.
+    label_in = 2.3 if row_labels else 0.05
+    width = fig.get_figwidth() + label_in
+    fig.set_figwidth(width)
+    fig.subplots_adjust(left=label_in / width, right=0.99, top=0.92 if title else 0.99, bottom=0.01, wspace=0.05, hspace=0.08)
     path.parent.mkdir(parents=True, exist_ok=True)
     _save_quantized(fig, path, dpi=100)
     plt.close(fig)
+
+
+def _wrap(label: str, width: int = 34) -> str:
+    """Break a long row label at spaces so it fits the margin (never cut)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(label, width)) or label
 
 
 def _save_quantized(fig, path: Path, dpi: int) -> None:

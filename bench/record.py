@@ -2,8 +2,8 @@
 
 A record is the source of truth for a job (DESIGN §3–4): the leaderboard and wandb mirror it.
 The protocol hash covers everything that makes numbers comparable across methods and concepts
-(model and its weights, sampler, ψ grid and split rule, sample sizes, classifier, detector); the
-job key adds what varies between rows (method, hyperparameters, concept, seed).
+(model and its weights, sampler, sample sizes, classifier, detector — and, per probe, the probe's
+settings); the job key adds what varies between rows (method, hyperparameters, concept, seed).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: one block per probe, bootstrap replicates for the verdicts (1: the partial-diffusion-only layout)
 
 
 def canonical(obj: Any) -> str:
@@ -29,24 +29,26 @@ def short_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(canonical(obj).encode()).hexdigest()[:n]
 
 
-def protocol(cfg: Any, model_hash: str, sampler: str, detector: dict | None, precision: str | None = None) -> dict[str, Any]:
-    """The settings that must match for two records to share a ranking, plus their hash.
+def protocols(cfg: Any, model_hash: str, sampler: str, detector: dict | None, probes: list, precision: str | None = None
+              ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The shared protocol (what λ_O, λ_U, the classifier and the detector depend on) and each
+    probe's own ranking protocol (the shared one plus the probe's settings), each with its hash.
 
-    ``precision`` is the autocast dtype of the inference stages (None = fp32; then the key is absent,
-    so fp32 protocols keep their hash).
+    Records are ranked together only when these match. The shared hash enters the job key, so a
+    probe can be added to a finished job. A probe's fields sit beside the shared ones as its
+    ``protocol_fields`` place them; partial diffusion keeps the first wave's flat layout (``psi``,
+    ``split``, ``paper_seed``, ``attack_seeds``), so its protocol hash equals the one records had
+    before the probe seam. ``precision`` is the autocast dtype of the inference stages (None =
+    fp32; then the key is absent, so fp32 protocols keep their hash).
     """
-    e, a = cfg.eval, cfg.attack
-    p = {
+    e = cfg.eval
+    base = {
         "model": {"id": cfg.model.id, "hash": model_hash},
         "eval": e.name,
-        "psi": [float(x) for x in a.psi],
-        "split": a.split,
-        "paper_seed": a.paper_seed,
         "steps": int(e.steps),
         "guidance": float(e.guidance),
         "sampler": sampler,
         "n": int(e.n),
-        "attack_seeds": int(e.attack_seeds),
         "detect_n": int(e.detect_n),
         "max_forget_prompts": e.max_forget_prompts,
         "max_retain_prompts": e.max_retain_prompts,
@@ -54,9 +56,14 @@ def protocol(cfg: Any, model_hash: str, sampler: str, detector: dict | None, pre
         "detector": detector,
     }
     if precision:
-        p["precision"] = precision
-    p["hash"] = short_hash(p)
-    return p
+        base["precision"] = precision
+    per_probe = {}
+    for probe in probes:
+        p = {**base, **probe.protocol_fields()}
+        p["hash"] = short_hash(p)
+        per_probe[probe.name] = p
+    base["hash"] = short_hash(base)
+    return base, per_probe
 
 
 def job_key(model: str, concept: str, method: str, params: dict, protocol_hash: str, seed: int) -> str:

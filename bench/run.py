@@ -1,11 +1,13 @@
-"""``python -m bench``: validate → load → unlearn → generate → attack → classify → score → record.
+"""``python -m bench``: validate → load → unlearn → λ_O, λ_U → classifier → probes → score → record.
 
-One job = one (model, concept, method + hyperparameters, protocol, seed). Its directory
-``<out_dir>/<model>/<concept>/<method>/<job-key>/`` holds the method's ``delta.safetensors``, one
-stage file per prompt (λ_U and λ_P images, then its scores), the figures and ``record.json``.
-Every file is written atomically; a re-run skips finished stages (a killed job resumes and ends
-with the same numbers), and a finished job is skipped unless ``overwrite=true``. λ_O sets and
-θ-prefix snapshots go to the content-addressed cache shared by all methods and sweep jobs.
+One job = one (model, concept, method + hyperparameters, shared protocol, seed). Its directory
+``<out_dir>/<model>/<concept>/<method>/<job-key>/`` holds the method's ``delta.safetensors``,
+one stage file per prompt and stage, one folder per probe (``probes/<name>/``), the figures and
+``record.json``. Every file is written atomically; a re-run skips finished stages (a killed job
+resumes and ends with the same numbers), and a finished job is skipped unless ``overwrite=true``
+— or unless it lacks a probe the command asks for, which is then added without recomputing the
+rest (the job key does not depend on the probes). λ_O sets and θ-prefix snapshots go to the
+content-addressed cache shared by all methods and sweep jobs.
 """
 from __future__ import annotations
 
@@ -26,10 +28,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bench import metrics as M
+from bench import scorers as S
 from bench.cache import Cache, load_entry, save_entry
 from bench.config import validate
-from bench.hparams import ConfigError, file_fingerprints
+from bench.hparams import ConfigError, file_fingerprints, takes_context
 from bench.pipeline import (
     DeltaError,
     apply_delta,
@@ -46,12 +48,18 @@ from bench.record import (
     environment,
     job_key,
     now,
-    protocol,
+    protocols,
     read_record,
     write_json,
 )
 
-ATTACK_SEED_OFFSET = 100_000  # attacked seeds are disjoint from the λ_O/λ_U seeds 0..N−1 (DESIGN §1.2)
+SEED_STRIDE = 1_000_000  # seed s draws its reference images from s·10⁶ + i and its probe seeds above that
+PUBLISHED = Path(__file__).resolve().parents[1] / "leaderboard" / "results"
+
+
+def job_seed_base(seed: int) -> int:
+    """Where a job's seeds start: ``seed`` moves λ_O/λ_U, every probe's seeds and the classifier."""
+    return int(seed) * SEED_STRIDE
 
 
 def log(msg: str) -> None:
@@ -67,29 +75,30 @@ def seed_everything(seed: int) -> None:
 class Job:
     """The state of one benchmark job; each ``stage_*`` method is resumable."""
 
-    def __init__(self, cfg: DictConfig, fn: Any, params: dict[str, Any]):
+    def __init__(self, cfg: DictConfig, fn: Any, params: dict[str, Any], probes: list):
         from bench.sampling import NFECounter, SamplerConfig
         from bench.worlds import build_concept, build_detector
 
-        self.cfg, self.fn, self.params = cfg, fn, params
-        # Methods that cache their own data (FMN's generated concept images, CA's anchor images) use it.
-        os.environ["CONCEALBENCH_CACHE"] = str(Path(cfg.cache_dir).resolve())
+        self.cfg, self.fn, self.params, self.probes = cfg, fn, params, probes
         self.device = resolve_device(cfg.device)
         self.concept = build_concept(cfg)
         self.detector = build_detector(cfg)
         # model.max_batch_size caps eval.batch_size so a world's batches fit its GPU (SD: 24 GB)
         batch = min(int(cfg.eval.batch_size), int(cfg.model.get("max_batch_size") or cfg.eval.batch_size))
-        self.sampler = SamplerConfig(steps=int(cfg.eval.steps), guidance=float(cfg.eval.guidance), batch_size=batch, split=cfg.attack.split)
+        self.sampler = SamplerConfig(steps=int(cfg.eval.steps), guidance=float(cfg.eval.guidance), batch_size=batch)
         self.precision = autocast_dtype(cfg.model, self.device)  # None = fp32 (always on the CPU)
         self.counter = NFECounter()
         self.cache = Cache(cfg.cache_dir)
-        self.psis = [float(p) for p in cfg.attack.psi]
+        self.seed = int(cfg.seed)
         self.timings: dict[str, float] = {}
-        self.nfe: dict[str, int] = {}
+        self.reused: dict[str, int] = {}  # stage → how many of its files a resumed job reused
+        self.stage = "validation"
+        self._classifiers: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ setup
     def load(self) -> None:
         t = time.time()
+        self.stage = "loading the model"
         self.pipe = load_pipeline(self.cfg.model, self.device)
         self.theta = self.pipe.unet
         self.theta.requires_grad_(False)
@@ -99,11 +108,12 @@ class Job:
                                       **{f"vae.{k}": v for k, v in self.pipe.vae.state_dict().items()}})
         self.unet_hash = state_hash(self.base_state)
         det = self.detector.describe() if self.detector is not None else None
-        self.protocol = protocol(self.cfg, self.model_hash, type(self.pipe.scheduler).__name__, det, precision=self.precision)
+        self.protocol, self.probe_protocols = protocols(self.cfg, self.model_hash, type(self.pipe.scheduler).__name__, det,
+                                                        self.probes, precision=self.precision)
         self.pipeline_info = describe_pipeline(self.pipe, self.cfg.model, self.device)
         # Weight files a method reads (e.g. method=weights) enter the key by content, not by path.
         key_params = {**self.params, **{f"{k}.sha256": v for k, v in file_fingerprints(self.fn, self.params).items()}}
-        self.key = job_key(self.cfg.model.name, self.concept.name, self.cfg.method.name, key_params, self.protocol["hash"], int(self.cfg.seed))
+        self.key = job_key(self.cfg.model.name, self.concept.name, self.cfg.method.name, key_params, self.protocol["hash"], self.seed)
         self.dir = Path(self.cfg.out_dir) / self.cfg.model.name / self.concept.name / self.cfg.method.name / self.key
         self.timings["load"] = time.time() - t
 
@@ -113,25 +123,35 @@ class Job:
         retain = list(self.concept.retain_prompts)[: e.max_retain_prompts or None]
         return [(p, "forget") for p in forget] + [(p, "retain") for p in retain]
 
+    def _reuse(self, stage: str) -> None:
+        self.reused[stage] = self.reused.get(stage, 0) + 1
+
     # ------------------------------------------------------------------ unlearn
     def stage_unlearn(self) -> dict:
+        from bench.context import MethodContext
+
+        self.stage = "unlearn"
         delta, report_file = self.dir / "delta.safetensors", self.dir / "unlearn.json"
         star = copy.deepcopy(self.theta)
         if delta.exists() and report_file.exists():
             log(f"unlearn: reusing {delta}")
+            self._reuse("unlearn")
             report = json.loads(report_file.read_text())
         else:
             log(f"unlearn: {self.cfg.method.name} {self.params}")
             t = time.time()
             self.pipe.unet = star
             star.requires_grad_(False)
-            seed_everything(int(self.cfg.seed))
+            seed_everything(self.seed)
             offload = self.device.type == "cuda"  # θ waits on the CPU: full-UNet Adam (ESD-u, FMN) needs the room
             if offload:
                 self.theta.to("cpu")
                 torch.cuda.empty_cache()
+            kwargs = dict(self.params)
+            if takes_context(self.fn):
+                kwargs["ctx"] = MethodContext(cache_dir=Path(self.cfg.cache_dir).resolve(), progress=True, seed=self.seed)
             try:
-                report = dict(self.fn(self.pipe, self.concept, **self.params) or {})
+                report = dict(self.fn(self.pipe, self.concept, **kwargs) or {})
             finally:
                 self.pipe.unet = self.theta
                 if offload:
@@ -139,7 +159,7 @@ class Job:
             report["seconds"] = time.time() - t
             names = save_delta(delta, self.base_state, star, {
                 "method": self.cfg.method.name, "concept": self.concept.name, "params": self.params,
-                "base_model": {"id": self.cfg.model.id, "hash": self.unet_hash}, "seed": int(self.cfg.seed),
+                "base_model": {"id": self.cfg.model.id, "hash": self.unet_hash}, "seed": self.seed,
             })
             changed = sum(self.base_state[n].numel() for n in names if n in self.base_state)
             report.update({"changed_tensors": names, "params_changed": int(changed)})
@@ -150,19 +170,18 @@ class Job:
         star.requires_grad_(False)
         self.star = star.eval()
         self.timings["unlearn"] = report.get("seconds", 0.0)
-        self.nfe["unlearn"] = int(report.get("nfe", 0) or 0)
         return report
 
-    # ------------------------------------------------------------------ images
+    # ------------------------------------------------------------------ plain generations
     def amp(self):
-        """Autocast (``model.autocast``, CUDA only) for sampling, the attack and decoding; methods run outside it."""
+        """Autocast (``model.autocast``, CUDA only) for sampling, the probes and decoding; methods run outside it."""
         if self.precision is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=getattr(torch, self.precision))
 
-    def _precision_key(self) -> dict:
+    def cache_key(self) -> dict:
         # fp16 images differ from fp32 ones: cached λ_O sets and snapshots must not mix (absent = fp32).
-        return {"precision": self.precision} if self.precision else {}
+        return {"model": self.model_hash, **({"precision": self.precision} if self.precision else {})}
 
     def _images(self, unet, prompt: str, seeds: list[int]) -> np.ndarray:
         from bench.sampling import decode, generate
@@ -170,9 +189,13 @@ class Job:
         with self.amp():
             return decode(self.pipe, generate(self.pipe, unet, prompt, seeds, self.sampler, self.counter), self.sampler.batch_size)
 
-    def lambda_o(self, prompt: str, seeds: list[int]) -> np.ndarray:
-        """λ_O for a prompt from the shared cache (depends on the base model and protocol only)."""
-        key = {"model": self.model_hash, "prompt": prompt, "seeds": seeds, "sampler": self.sampler.as_metadata(), **self._precision_key()}
+    def ref_seeds(self) -> list[int]:
+        e, base = self.cfg.eval, job_seed_base(self.seed)
+        return list(range(base, base + max(int(e.n), int(e.detect_n))))
+
+    def lambda_o(self, prompt: str, seeds: list[int]) -> tuple[np.ndarray, int]:
+        """λ_O for a prompt from the shared cache (depends on the base model and sampler only)."""
+        key = {**self.cache_key(), "prompt": prompt, "seeds": seeds, "sampler": self.sampler.as_metadata()}
 
         def compute():
             before = self.counter.total
@@ -180,190 +203,253 @@ class Job:
             return {"images": torch.from_numpy(imgs)}, {"nfe": self.counter.total - before}
 
         tensors, meta = self.cache.get_or_compute("lambda_o", key, compute)
-        self._cached_nfe = meta.get("nfe", 0)
-        return tensors["images"].numpy()
+        return tensors["images"].numpy(), int(meta.get("nfe", 0))
 
-    def snapshots(self, prompt: str, seeds: list[int]) -> tuple[dict, int]:
-        """θ-prefix snapshots at every ψ, computed once per (model, prompt, seeds, protocol)."""
-        from bench.sampling import Snapshot, prefix_snapshots
-
-        key = {"model": self.model_hash, "prompt": prompt, "seeds": seeds, "psi": self.psis, "sampler": self.sampler.as_metadata(),
-               **self._precision_key()}
-
-        def compute():
-            before = self.counter.total
-            with self.amp():
-                snaps = prefix_snapshots(self.pipe, self.theta, prompt, seeds, self.psis, self.sampler, self.counter)
-            tensors, meta = {}, {"nfe": self.counter.total - before, "snapshots": {}}
-            for i, p in enumerate(self.psis):
-                tensors.update({f"{i}/{k}": v for k, v in snaps[p].to_tensors().items()})
-                meta["snapshots"][str(i)] = snaps[p].metadata
-            return tensors, meta
-
-        tensors, meta = self.cache.get_or_compute("prefix", key, compute)
-        snaps = {}
-        for i, p in enumerate(self.psis):
-            sub = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{i}/")}
-            snaps[p] = Snapshot.from_tensors(sub, meta["snapshots"][str(i)], self.device)
-        return snaps, int(meta.get("nfe", 0))
-
-    def stage_prompt_images(self, i: int, prompt: str) -> dict[str, Any]:
-        """λ_O (cached), λ_U and λ_P(ψ) for one prompt; stage file ``images-<i>.safetensors``."""
-        from bench.attack import attack
-
-        e = self.cfg.eval
-        ref_seeds = list(range(max(int(e.n), int(e.detect_n))))
-        att_seeds = [ATTACK_SEED_OFFSET + s for s in range(int(e.attack_seeds))]
-        path = self.dir / f"images-{i}.safetensors"
-        images_o = self.lambda_o(prompt, ref_seeds)
-        nfe_o = self._cached_nfe
+    def stage_reference(self, i: int, prompt: str) -> dict[str, Any]:
+        """λ_O (cached) and λ_U for one prompt; stage file ``u-<i>.safetensors``."""
+        self.stage = f"λ_U of prompt {i + 1}"
+        seeds = self.ref_seeds()
+        o, nfe_o = self.lambda_o(prompt, seeds)
+        path = self.dir / f"u-{i}.safetensors"
         if path.exists():
+            self._reuse("λ_U")
             tensors, meta = load_entry(path)
         else:
             t, before = time.time(), self.counter.total
-            images_u = self._images(self.star, prompt, ref_seeds)
-            t_gen, nfe_u = time.time() - t, self.counter.total - before
-            snaps, nfe_prefix = self.snapshots(prompt, att_seeds)
-            t, before = time.time(), self.counter.total
-            with self.amp():
-                lam_p = attack(self.pipe, self.theta, self.star, prompt, att_seeds, self.psis, self.sampler, snapshots=snaps, counter=self.counter)
-            tensors = {"u": torch.from_numpy(images_u), **{f"p{k}": torch.from_numpy(lam_p[p]) for k, p in enumerate(self.psis)}}
-            meta = {"prompt": prompt, "seconds_generate": t_gen, "seconds_attack": time.time() - t,
-                    "nfe_u": nfe_u, "nfe_continue": self.counter.total - before, "nfe_prefix": nfe_prefix}
-            if self.cfg.attack.paper_seed is not None:
-                seed42 = [int(self.cfg.attack.paper_seed)]
-                snaps42, _ = self.snapshots(prompt, seed42)
-                with self.amp():
-                    lam42 = attack(self.pipe, self.theta, self.star, prompt, seed42, self.psis, self.sampler, snapshots=snaps42, counter=self.counter)
-                tensors.update({f"s42_{k}": torch.from_numpy(lam42[p]) for k, p in enumerate(self.psis)})
+            u = self._images(self.star, prompt, seeds)
+            tensors, meta = {"u": torch.from_numpy(u)}, {"prompt": prompt, "seconds": time.time() - t, "nfe": self.counter.total - before}
             save_entry(path, tensors, meta)
-        out = {"o": images_o, "u": tensors["u"].numpy(), "p": {p: tensors[f"p{k}"].numpy() for k, p in enumerate(self.psis)}, "meta": meta}
-        if "s42_0" in tensors:
-            out["p42"] = {p: tensors[f"s42_{k}"].numpy() for k, p in enumerate(self.psis)}
-        out["meta"]["nfe_o"] = nfe_o
-        return out
+        return {"o": o, "u": tensors["u"].numpy(), "meta": {**meta, "nfe_o": nfe_o}}
 
-    # ------------------------------------------------------------------ scores
-    def stage_prompt_scores(self, i: int, prompt: str, cls: str, imgs: dict) -> dict:
+    def classifier(self, i: int, o: np.ndarray, u: np.ndarray):
+        """The paper's λ_O-vs-λ_U classifier for prompt i, trained once and kept in ``classifier-<i>/``."""
+        from bench.classifier import ClassifierConfig, ConceptClassifier, train_classifier
+
+        if i in self._classifiers:
+            return self._classifiers[i]
+        c = OmegaConf.to_container(self.cfg.eval.classifier, resolve=True)
+        init = self.detector.det if (c["backbone"] == "detector_trunk" and self.detector is not None) else None
+        path = self.dir / f"classifier-{i}"
+        t = time.time()
+        if (path / "config.json").exists():
+            self._reuse("classifier")
+            clf = ConceptClassifier.load(path, init_trunk=init, device=self.device)
+            seconds = json.loads((path / "config.json").read_text()).get("seconds", 0.0)
+        else:
+            self.stage = f"classifier of prompt {i + 1}"
+            n = int(self.cfg.eval.n)
+            clf = train_classifier(o[:n], u[:n], ClassifierConfig(**c, seed=self.seed * 1000 + i), init_trunk=init, device=self.device)
+            seconds = time.time() - t
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            clf.save(tmp)
+            meta = json.loads((tmp / "config.json").read_text())
+            (tmp / "config.json").write_text(json.dumps({**meta, "seconds": seconds}, indent=2))
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+        self.timings["classifier"] = self.timings.get("classifier", 0.0) + (seconds if seconds else 0.0)
+        self._classifiers[i] = clf
+        return clf
+
+    def stage_prompt_scores(self, i: int, prompt: str, cls: str, ref: dict) -> dict:
+        """Prompt-level scores (detection, erasure/retention, specificity, KID of λ_U to λ_O); ``scores-<i>.json``."""
         path = self.dir / f"scores-{i}.json"
         prev = read_record(path)
         if prev is not None:
+            self._reuse("scores")
             return prev
-        from bench.classifier import ClassifierConfig, train_classifier
-
-        n, seed = int(self.cfg.eval.n), int(self.cfg.seed)
-        t = time.time()
-        c = OmegaConf.to_container(self.cfg.eval.classifier, resolve=True)
-        ccfg = ClassifierConfig(**c, seed=seed * 1000 + i)
-        init = self.detector.det if (c["backbone"] == "detector_trunk" and self.detector is not None) else None
-        if c["backbone"] == "detector_trunk" and init is None:
-            raise ConfigError("`eval.classifier.backbone` = 'detector_trunk' needs a world with a detector; use resnet18_imagenet")
-        o, u = imgs["o"][:n], imgs["u"][:n]
-        clf = train_classifier(o, u, ccfg, init_trunk=init, device=self.device)
-        t_clf = time.time() - t
-        p_orig = {p: clf.prob_original(x) for p, x in imgs["p"].items()}
-        feats_p = {p: clf.features(x) for p, x in imgs["p"].items()}
-        # One call for both sets: identical images (θ* = θ) then get bit-identical features.
-        f_ou = clf.features(np.concatenate([o, u]))
-        f_o, f_u = f_ou[: len(o)], f_ou[len(o) :]
-        res: dict[str, Any] = {"prompt": prompt, "class": cls}
-        m = {
-            "ccs": M.ccs(p_orig, seed=seed),
-            "crs": M.crs(feats_p, f_o, f_u, seed=seed),
-            "crs_paper": M.crs_paper(feats_p, f_o, f_u, retain=cls == "retain", seed=seed),
-            "classifier_val_acc": M.Metric(value=clf.val_accuracy, n=2 * n),
-        }
-        if "p42" in imgs:
-            p42 = {p: clf.prob_original(x) for p, x in imgs["p42"].items()}
-            f42 = {p: clf.features(x) for p, x in imgs["p42"].items()}
-            m["ccs_seed42"] = M.ccs(p42, seed=seed)
-            m["crs_paper_seed42"] = M.crs_paper(f42, f_o, f_u, retain=cls == "retain", seed=seed)
-        if hasattr(self.detector, "clip_score"):  # SD worlds: prompt alignment of θ* and θ images (CLIP score)
-            for tag, x in (("u", imgs["u"][:n]), ("o", imgs["o"][:n])):
-                sc = self.detector.clip_score(x, prompt)
-                m[f"clip_score_{tag}"] = M.Metric(value=float(sc.mean()), ci=M.bootstrap_ci(sc, seed=seed), n=len(sc))
-        curve_det: list[float | None] = [None] * len(self.psis)
-        if self.detector is not None:
-            hits = (lambda x: self.detector.concept_hits(x, self.concept)) if cls == "forget" else (lambda x: self.detector.prompt_hits(x, prompt))
-            du, do = hits(imgs["u"]), hits(imgs["o"])
-            m["detect_u"], m["detect_o"] = M.detection_rate(du, seed=seed), M.detection_rate(do, seed=seed)
-            m["erasure" if cls == "forget" else "retention"] = (M.erasure if cls == "forget" else M.retention)(du, do, seed=seed)
-            curve_det = [float(hits(imgs["p"][p]).mean()) for p in self.psis]
-            wf = {p: self.detector.features(x) for p, x in imgs["p"].items()}
-            wo, wu = self.detector.features(imgs["o"][:n]), self.detector.features(imgs["u"][:n])
-            m["kid_po"], m["kid_pu"] = M.kid_by_psi(wf, wo, seed=seed), M.kid_by_psi(wf, wu, seed=seed)
-            if cls == "retain":
-                kv = M.kid(wu, wo, seed=seed)
-                m["kid_uo"] = M.Metric(value=kv[0], n=2 * n)
-        curve_p = (m["ccs"].curve or {}).get("p_original") or [float(np.mean(p_orig[p])) for p in self.psis]
-        curve_r = (m["crs"].curve or {}).get("retrieval") or [None] * len(self.psis)
-        res["psi_curve"] = [{"psi": p, "p_original": curve_p[k], "retrieval": curve_r[k], "detection": curve_det[k]} for k, p in enumerate(self.psis)]
-        basis = curve_det if self.detector is not None and cls == "forget" else curve_p
-        m["psi_recover"] = M.Metric(value=M.psi_recover(self.psis, basis), n=len(self.psis))
-        res["metrics"] = {k: v.to_dict() for k, v in m.items()}
-        res["classifier"] = {"val_accuracy": clf.val_accuracy, "history": clf.history}
-        res["seconds_classifier"] = t_clf
-        res["seconds_metrics"] = time.time() - t - t_clf
+        self.stage = f"scores of prompt {i + 1}"
+        n = int(self.cfg.eval.n)
+        clf = self.classifier(i, ref["o"], ref["u"]) if self.probes else None
+        m, units = S.prompt_scores(self.detector, self.concept, prompt, cls, ref["o"], ref["u"], n, self.seed, clf)
+        res = {"prompt": prompt, "class": cls, "metrics": {k: v.to_dict() for k, v in m.items()}, "units": units}
+        if clf is not None:
+            res["classifier"] = {"val_accuracy": clf.val_accuracy, "history": clf.history}
         write_json(path, res)
         return res
 
-    # ------------------------------------------------------------------ record
-    def aggregate(self, rows: list[dict]) -> tuple[dict, dict, list[dict]]:
-        def agg(cls: str) -> dict:
-            sel = [r for r in rows if r["class"] == cls]
-            names = sorted({k for r in sel for k in r["metrics"]})
-            out = {}
-            for name in names:
-                ms = [M.Metric(value=r["metrics"][name]["value"], ci=tuple(r["metrics"][name]["ci"]) if r["metrics"][name].get("ci") else None,
-                               n=r["metrics"][name]["n"]) for r in sel if name in r["metrics"]]
-                out[name] = M.aggregate(ms, seed=int(self.cfg.seed)).to_dict()
-            return out
+    # ------------------------------------------------------------------ probes
+    def probe_context(self):
+        from bench.probes import ProbeContext
 
-        forget = [r for r in rows if r["class"] == "forget"]
-        curve = []
-        for k, p in enumerate(self.psis):
-            point = {"psi": p}
-            for key in ("p_original", "retrieval", "detection"):
-                vals = [r["psi_curve"][k][key] for r in forget if r["psi_curve"][k][key] is not None]
-                point[key] = float(np.mean(vals)) if vals else None
-            curve.append(point)
-        metrics, retain = agg("forget"), agg("retain")
-        basis = [c["detection"] for c in curve] if self.detector is not None else [c["p_original"] for c in curve]
-        if all(b is not None for b in basis):
-            metrics["psi_recover"] = {"value": M.psi_recover(self.psis, basis), "ci": None, "n": len(self.psis)}
-        return metrics, retain, curve
+        ctx = ProbeContext(pipe=self.pipe, theta=self.theta, star=self.star, concept=self.concept, sampler=self.sampler,
+                           cache=self.cache, counter=self.counter, device=self.device, seed=self.seed, amp=self.amp,
+                           detector=self.detector, world=self.cfg.model.world)
+        ctx.cache_key = self.cache_key()
+        return ctx
 
-    def gold(self) -> dict | None:
-        """The gold standard's ψ-curve for this concept and protocol, if its record exists."""
+    def stage_probe_prepare(self, probe, ctx) -> tuple[dict, dict]:
+        """A probe's per-model work (``prepare``), kept in ``probes/<name>/state.safetensors``."""
+        path = self.dir / "probes" / probe.name / "state.safetensors"
+        if path.exists():
+            self._reuse(f"{probe.name} prepare")
+            return load_entry(path)
+        self.stage = f"{probe.name}: prepare"
+        t, before = time.time(), self.counter.total
+        seed_everything(self.seed)
+        tensors, meta = probe.prepare(ctx)
+        meta = {**meta, "seconds": time.time() - t, "nfe": self.counter.total - before}
+        save_entry(path, tensors, meta)
+        return tensors, meta
+
+    def stage_probe_prompt(self, probe, ctx, state, i: int, prompt: str, cls: str, ref: dict) -> dict:
+        """One probe on one prompt: its images (``probes/<name>/images-<i>.safetensors``) and scores."""
+        folder = self.dir / "probes" / probe.name
+        scores_path = folder / f"scores-{i}.json"
+        prev = read_record(scores_path)
+        if prev is not None:
+            self._reuse(probe.name)
+            return prev
+        self.stage = f"{probe.name} on prompt {i + 1}"
+        img_path = folder / f"images-{i}.safetensors"
+        if img_path.exists():
+            tensors, meta = load_entry(img_path)
+        else:
+            seed_everything(self.seed * 1000 + i)
+            out = probe.run(ctx, prompt, cls, state)
+            tensors = {f"x{k}": torch.from_numpy(im) for k, im in enumerate(out.images.values())}
+            for tag, imgs in out.extra.items():
+                tensors.update({f"{tag}_{k}": torch.from_numpy(im) for k, im in enumerate(imgs.values())})
+            meta = {"prompt": prompt, "x": [float(x) for x in out.images], "extra": sorted(out.extra), **out.meta, "data": out.data}
+            save_entry(img_path, tensors, meta)
+        xs = [float(x) for x in meta["x"]]
+        images = {x: tensors[f"x{k}"].numpy() for k, x in enumerate(xs)}
+        extra = {tag: {x: tensors[f"{tag}_{k}"].numpy() for k, x in enumerate(xs)} for tag in meta.get("extra", [])}
+        n = int(self.cfg.eval.n)
+        clf = self.classifier(i, ref["o"], ref["u"])
+        m, curve, units = S.probe_scores(images, extra, ref["o"], ref["u"], n, clf, self.detector, self.concept, prompt, cls, self.seed)
+        res = {"prompt": prompt, "class": cls, "metrics": {k: v.to_dict() for k, v in m.items()}, "curve": curve,
+               "units": units, "data": meta.get("data") or {},
+               "cost": {k: meta.get(k) for k in ("seconds", "nfe", "nfe_shared")}}
+        write_json(scores_path, res)
+        return res
+
+    def probe_images(self, probe, i: int) -> dict[float, np.ndarray]:
+        tensors, meta = load_entry(self.dir / "probes" / probe.name / f"images-{i}.safetensors")
+        return {float(x): tensors[f"x{k}"].numpy() for k, x in enumerate(meta["x"])}
+
+    # ------------------------------------------------------------------ gold standard
+    def gold(self, probe_name: str, probe_hash: str) -> dict | None:
+        """The gold standard's record for this concept, probe protocol and seed: a local run under
+        ``out_dir`` first, else the published one shipped in ``leaderboard/results/``."""
         if self.cfg.method.get("reference") == "gold":
             return None
-        root = Path(self.cfg.out_dir) / self.cfg.model.name / self.concept.name / "retrain"
-        for rec_path in sorted(root.glob("*/record.json")):
-            rec = read_record(rec_path)
-            if rec and rec.get("status") == "ok" and rec["protocol"]["hash"] == self.protocol["hash"]:
-                return {"psi_recover": rec["metrics"].get("psi_recover", {}).get("value"), "psi_curve": rec["psi_curve"], "job_key": rec["job_key"]}
+        for root in (Path(self.cfg.out_dir), PUBLISHED):
+            for rec_path in sorted((root / self.cfg.model.name / self.concept.name / "retrain").glob("*/record.json")):
+                rec = read_record(rec_path)
+                if (rec and rec.get("status") == "ok" and rec.get("schema_version") == SCHEMA_VERSION and rec.get("seed") == self.seed
+                        and (rec.get("probes") or {}).get(probe_name, {}).get("protocol", {}).get("hash") == probe_hash):
+                    return {"record": rec, "path": str(rec_path), "published": root == PUBLISHED}
         return None
 
-    def figures(self, rows: list[dict], imgs_by_prompt: dict[int, dict], curve: list[dict], gold: dict | None) -> dict[str, str]:
-        from bench.plots import image_grid, psi_curve_plot
+    # ------------------------------------------------------------------ figures
+    def figures(self, rows: list[dict], refs: dict[int, dict], blocks: dict[str, dict], golds: dict[str, dict | None]) -> dict[str, str]:
+        from bench.plots import image_grid, probe_curve_plot
 
-        title = f"{self.cfg.method.get('display') or self.cfg.method.name} — {self.concept.name} (forget prompts)"
-        psi_curve_plot(curve, self.dir / "psi_curve.png", title, gold=(gold or {}).get("psi_curve"))
-        labels = [f"{r['class']}: {r['prompt'][:28]}" for r in rows]
-        image_grid([imgs_by_prompt[i]["o"] for i in range(len(rows))], self.dir / "grid_lambda_o.png", labels, "λ_O: original model θ")
-        image_grid([imgs_by_prompt[i]["u"] for i in range(len(rows))], self.dir / "grid_lambda_u.png", labels, "λ_U: unlearned model θ*")
-        first = imgs_by_prompt[0]["p"]
-        image_grid([first[p] for p in self.psis], self.dir / "grid_lambda_p.png", [f"ψ = {p:g}" for p in self.psis], f"λ_P across ψ: {rows[0]['prompt']!r}")
-        return {"psi_curve_png": "psi_curve.png", "grid_o": "grid_lambda_o.png", "grid_u": "grid_lambda_u.png", "grid_p": "grid_lambda_p.png"}
+        name = self.cfg.method.get("display") or self.cfg.method.name
+        labels = [f"{r['class']}: {r['prompt']}" for r in rows]
+        artifacts = {"grid_o": "grid_lambda_o.png", "grid_u": "grid_lambda_u.png"}
+        image_grid([refs[i]["o"][:8] for i in range(len(rows))], self.dir / artifacts["grid_o"], labels, "λ_O: original model θ")
+        image_grid([refs[i]["u"][:8] for i in range(len(rows))], self.dir / artifacts["grid_u"], labels, "λ_U: unlearned model θ*")
+        first = next(i for i, r in enumerate(rows) if r["class"] == "forget")
+        for probe in self.probes:
+            block, gold = blocks[probe.name], golds.get(probe.name)
+            ax = block["axis"]
+            curve_file, grid_file = f"curve_{probe.name}.png", f"grid_{probe.name}.png"
+            probe_curve_plot(block["curve"], self.dir / curve_file, f"{name} — {self.concept.name}: {probe.display or probe.name} (forget prompts)",
+                             ax["label"], gold=(gold or {}).get("curve"), recover=block["metrics"].get("recover"),
+                             gold_recover=(gold or {}).get("metrics", {}).get("recover"))
+            imgs = self.probe_images(probe, first)
+            image_grid([imgs[x][:8] for x in imgs], self.dir / grid_file, [f"{ax['unit'] or ax['name']} = {x:g}" for x in imgs],
+                       f"{probe.display or probe.name} on {rows[first]['prompt']!r}: θ* images along the axis")
+            artifacts[f"curve_{probe.name}"], artifacts[f"grid_{probe.name}"] = curve_file, grid_file
+        return artifacts
+
+
+# ---------------------------------------------------------------------------- job → record
+
+def _probe_block(job: Job, probe, ctx, rows: list[dict], prep_meta: dict, seconds: float) -> dict:
+    axis = probe.axis(ctx).to_dict()
+    forget, fcurve = S.aggregate(rows, "forget", job.seed, axis["values"])
+    retain, _ = S.aggregate(rows, "retain", job.seed, axis["values"])
+    cost = {"seconds": seconds + float(prep_meta.get("seconds") or 0.0),
+            "prepare_seconds": prep_meta.get("seconds"), "prepare_nfe": prep_meta.get("nfe"),
+            "nfe": int(sum(r["cost"].get("nfe") or 0 for r in rows) + int(prep_meta.get("nfe") or 0)),
+            "nfe_shared": int(sum(r["cost"].get("nfe_shared") or 0 for r in rows))}
+    return {"protocol": job.probe_protocols[probe.name], "display": probe.display or probe.name, "reference": probe.reference,
+            "classes": list(probe.classes), "axis": axis, "metrics": forget, "retain": retain, "curve": fcurve, "cost": cost,
+            "state": {k: v for k, v in prep_meta.items() if k not in ("seconds", "nfe")}}
+
+
+def _run_stages(job: Job, t0: float) -> dict:
+    """Every stage of a job (each resumable) and the record it ends with."""
+    report = job.stage_unlearn()
+    prompts = job.prompts()
+    rows, refs = [], {}
+    for i, (prompt, cls) in enumerate(prompts):
+        log(f"prompt {i + 1}/{len(prompts)} ({cls}): {prompt!r} — λ_O, λ_U and scores")
+        ref = job.stage_reference(i, prompt)
+        refs[i] = ref
+        rows.append({**job.stage_prompt_scores(i, prompt, cls, ref), "cost": ref["meta"]})
+    ctx = job.probe_context() if job.probes else None
+    blocks, per_prompt_probes, golds = {}, {i: {} for i in range(len(prompts))}, {}
+    for probe in job.probes:
+        state = job.stage_probe_prepare(probe, ctx)
+        t = time.time()
+        prows = []
+        for i, (prompt, cls) in enumerate(prompts):
+            if cls not in probe.classes:
+                continue
+            log(f"{probe.name}: prompt {i + 1}/{len(prompts)} ({cls})")
+            r = job.stage_probe_prompt(probe, ctx, state, i, prompt, cls, refs[i])
+            prows.append(r)
+            per_prompt_probes[i][probe.name] = {"metrics": r["metrics"], "curve": r["curve"], **({"data": r["data"]} if r.get("data") else {})}
+        block = _probe_block(job, probe, ctx, prows, state[1], time.time() - t)
+        gold = job.gold(probe.name, block["protocol"]["hash"])
+        if gold is not None:
+            g = gold["record"]
+            block["gold"] = {"job_key": g["job_key"], "published": gold["published"],
+                             "recover": g["probes"][probe.name]["metrics"].get("recover", {}).get("value")}
+            golds[probe.name] = g["probes"][probe.name]
+        else:
+            block["gold"] = None
+        blocks[probe.name] = block
+    metrics, _ = S.aggregate(rows, "forget", job.seed)
+    retain, _ = S.aggregate(rows, "retain", job.seed)
+    artifacts = job.figures(rows, refs, blocks, golds) if job.probes else {}
+    nfe_u = sum(int(r["cost"].get("nfe") or 0) for r in rows)
+    nfe_o = sum(int(r["cost"].get("nfe_o") or 0) for r in rows)
+    probe_nfe = sum(b["cost"]["nfe"] for b in blocks.values())
+    cost = {
+        "unlearn": {"seconds": report.get("seconds"), "nfe": report.get("nfe"), "steps": report.get("steps"),
+                    **({"nfe_saved_by_cache": report["nfe_saved_by_cache"]} if "nfe_saved_by_cache" in report else {})},
+        "generate": {"seconds": sum(float(r["cost"].get("seconds") or 0) for r in rows), "nfe": nfe_u},
+        "classifier": {"seconds": job.timings.get("classifier", 0.0)},
+        "probes": {name: b["cost"] for name, b in blocks.items()},
+        "shared": {"nfe": nfe_o + sum(b["cost"]["nfe_shared"] for b in blocks.values()),
+                   "what": "λ_O and θ-prefix snapshots: computed once per prompt and shared through the cache by every method"},
+        "total_seconds": time.time() - t0,
+        "total_nfe": int(nfe_u + probe_nfe + int(report.get("nfe") or 0)),
+        "peak_memory_mb": _peak_memory_mb(),
+        "params_changed": report.get("params_changed"),
+        "cache": {"hits": job.cache.hits, "misses": job.cache.misses},
+    }
+    return {"status": "ok", "error": None, "metrics": metrics, "retain": retain, "probes": blocks,
+            "prompts": [{"prompt": r["prompt"], "class": r["class"], "metrics": r["metrics"], "probes": per_prompt_probes[i]}
+                        for i, r in enumerate(rows)],
+            "unlearn": {k: v for k, v in report.items() if k not in ("loss_history",)},
+            "cost": cost, "artifacts": artifacts, "resumed": dict(job.reused)}
 
 
 def _hydra_pointer(rec_path: Path, status: str) -> None:
-    """Leave ``result.json`` in the Hydra job directory: how sweep reports find each job's record."""
+    """In a multirun, leave ``result.json`` in the Hydra job directory: how sweep reports find each record."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
     except (ImportError, ValueError):
+        return
+    if hc.mode.name != "MULTIRUN":
         return
     out = Path(hc.runtime.output_dir)
     write_json(out / "result.json", {"record": str(rec_path.resolve()), "status": status, "overrides": list(hc.overrides.task)})
@@ -376,8 +462,31 @@ def _peak_memory_mb() -> float:
     return float(mb)
 
 
+def _warn_if_busy(cfg: DictConfig) -> None:
+    """Two torch jobs on a small machine slow each other many-fold: say so before the long work."""
+    if cfg.threads is not None or not hasattr(os, "getloadavg") or torch.get_num_threads() < 2:
+        return
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    if cores <= 8 and load >= 0.75 * cores:
+        log(f"warning: the machine is already busy (load {load:.1f} on {cores} cores); torch's default of "
+            f"{torch.get_num_threads()} threads will compete with it and can make this job several times slower. "
+            "Set threads=1 (or wait for the other job).")
+
+
+def _existing(job: Job) -> dict | None:
+    old = read_record(job.dir / "record.json")
+    if not old or old.get("status") != "ok" or old.get("schema_version") != SCHEMA_VERSION:
+        return None
+    have = {name: b.get("protocol", {}).get("hash") for name, b in (old.get("probes") or {}).items()}
+    if all(have.get(p.name) == job.probe_protocols[p.name]["hash"] for p in job.probes):
+        return old
+    return None  # a probe was added (or re-configured): its stages run, the others are reused
+
+
 def execute(cfg: DictConfig) -> int:
-    """Run one job; return the process exit code (0 ok/skipped, 1 failed, 2 bad input)."""
+    """Run one job; return the process exit code (0 ok/skipped, 1 failed, 2 bad input, 130 interrupted)."""
+    from bench.summary import print_summary
     from bench.tracking import Tracker
 
     try:
@@ -387,85 +496,83 @@ def execute(cfg: DictConfig) -> int:
         return 2
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    _warn_if_busy(cfg)
     t0 = time.time()
+    job = None
     try:
-        job = Job(cfg, v["fn"], v["params"])
+        job = Job(cfg, v["fn"], v["params"], v["probes"])
         job.load()
     except (ConfigError, DeltaError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted while loading; nothing was written", file=sys.stderr)
+        return 130
     rec_path = job.dir / "record.json"
-    old = read_record(rec_path)
-    if old and old.get("status") == "ok" and not cfg.overwrite:
+    old = _existing(job)
+    if old and not cfg.overwrite:
         log(f"finished job {job.key} exists: {rec_path} (overwrite=true to re-run)")
         _hydra_pointer(rec_path, "ok")
-        print(rec_path)
+        print_summary(old, rec_path, job)
         return 0
     if cfg.overwrite and job.dir.exists():
         shutil.rmtree(job.dir)
-    job.dir.mkdir(parents=True, exist_ok=True)
+    created = not job.dir.exists()
+    try:
+        job.dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: `out_dir` = {str(cfg.out_dir)!r}: cannot create the job folder {str(job.dir)!r}: {e.strerror or e}", file=sys.stderr)
+        return 2
     config = OmegaConf.to_container(cfg, resolve=True)
     tracker = Tracker(cfg, job.key, job.dir, config)
     base = {
         "schema_version": SCHEMA_VERSION, "job_key": job.key, "created": now(),
-        "model": {"name": cfg.model.name, "id": cfg.model.id, "revision": cfg.model.get("revision"), "hash": job.model_hash, "world": cfg.model.world,
-                  "pipeline": job.pipeline_info},
+        "model": {"name": cfg.model.name, "id": cfg.model.id, "revision": cfg.model.get("revision"), "hash": job.model_hash,
+                  "world": cfg.model.world, "pipeline": job.pipeline_info},
         "concept": job.concept.to_dict(),
-        "method": {"name": cfg.method.name, "display": cfg.method.get("display"), "variant": job.params.get("variant"), "params": job.params, "reference": cfg.method.get("reference")},
-        "protocol": job.protocol, "seed": int(cfg.seed), "config": config, "env": environment(),
+        "method": {"name": cfg.method.name, "display": cfg.method.get("display"), "variant": cfg.method.get("variant"),
+                   "params": job.params, "reference": cfg.method.get("reference")},
+        "protocol": job.protocol, "seed": job.seed, "config": config, "env": environment(),
     }
-    failed = False
+    outcome = "failed"
     try:
-        report = job.stage_unlearn()
-        rows, imgs_by_prompt = [], {}
-        prompts = job.prompts()
-        for i, (prompt, cls) in enumerate(prompts):
-            log(f"prompt {i + 1}/{len(prompts)} ({cls}): {prompt!r} — images and attack")
-            imgs = job.stage_prompt_images(i, prompt)
-            imgs_by_prompt[i] = {"o": imgs["o"][:8], "u": imgs["u"][:8], "p": {p: x[:8] for p, x in imgs["p"].items()}}
-            log(f"prompt {i + 1}/{len(prompts)}: classifier and metrics")
-            rows.append(job.stage_prompt_scores(i, prompt, cls, imgs))
-            rows[-1]["cost"] = {k: imgs["meta"].get(k) for k in ("seconds_generate", "seconds_attack", "nfe_u", "nfe_continue", "nfe_prefix", "nfe_o")}
-        metrics, retain, curve = job.aggregate(rows)
-        gold = job.gold()
-        artifacts = job.figures(rows, imgs_by_prompt, curve, gold)
-        nfe_gen = sum(sum(r["cost"][k] or 0 for k in ("nfe_o", "nfe_u", "nfe_continue", "nfe_prefix")) for r in rows)
-        cost = {
-            "unlearn": {"seconds": report.get("seconds"), "nfe": report.get("nfe"), "steps": report.get("steps")},
-            "generate_and_attack": {"seconds": sum((r["cost"]["seconds_generate"] or 0) + (r["cost"]["seconds_attack"] or 0) for r in rows), "nfe": nfe_gen},
-            "classifier": {"seconds": sum(r.get("seconds_classifier", 0) for r in rows)},
-            "total_seconds": time.time() - t0,
-            "total_nfe": int(nfe_gen + int(report.get("nfe") or 0)),
-            "peak_memory_mb": _peak_memory_mb(),
-            "params_changed": report.get("params_changed"),
-            "cache": {"hits": job.cache.hits, "misses": job.cache.misses},
-        }
-        record = {**base, "status": "ok", "error": None, "metrics": metrics, "retain": retain, "psi_curve": curve,
-                  "gold": {"psi_recover": gold["psi_recover"], "job_key": gold["job_key"]} if gold else None,
-                  "prompts": [{k: r[k] for k in ("prompt", "class", "metrics", "psi_curve")} for r in rows],
-                  "unlearn": {k: v for k, v in report.items() if k not in ("loss_history",)},
-                  "cost": cost, "artifacts": artifacts, "wandb": tracker.url}
+        record = {**base, **_run_stages(job, t0), "wandb": tracker.url}
         write_json(rec_path, record)
         _hydra_pointer(rec_path, "ok")
         tracker.log_record(record, job.dir)
-        summary = {k: (metrics.get(k) or retain.get(k) or {}).get("value") for k in ("erasure", "ccs", "crs", "crs_paper", "psi_recover")}
-        summary["retention"] = retain.get("retention", {}).get("value")
-        log("done: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
-        print(rec_path)
+        outcome = "ok"
+        tracker.finish("ok")
+        print_summary(record, rec_path, job)
         return 0
     except (ConfigError, DeltaError) as e:
         # Bad input, not a failed experiment: no record at all (nothing half-written to read back).
-        failed = True
         rec_path.unlink(missing_ok=True)
-        if job.dir.is_dir() and not any(job.dir.iterdir()):
-            job.dir.rmdir()  # nothing was computed: leave no trace of the job
+        _remove_if_untouched(job.dir, created)
         print(f"error: {e}", file=sys.stderr)
+        outcome = "bad_input"
         return 2
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+        _remove_if_untouched(job.dir, created)
+        print(f"\ninterrupted during {job.stage}; finished stages are kept — re-run the same command to resume", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001 — a failed job leaves a failed record and a non-zero exit
-        failed = True
-        write_json(rec_path, {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+        write_json(rec_path, {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "stage": job.stage,
+                              "traceback": traceback.format_exc()})
         _hydra_pointer(rec_path, "failed")
-        log(f"FAILED: {type(e).__name__}: {e} (record: {rec_path})")
+        log(f"FAILED during {job.stage}: {type(e).__name__}: {e} (record: {rec_path})")
         return 1
     finally:
-        tracker.finish(failed=failed)
+        if outcome != "ok":
+            tracker.finish(outcome)
+
+
+def _remove_if_untouched(path: Path, created: bool) -> None:
+    """Remove a job folder this run created if nothing was computed in it (no empty folders left)."""
+    if not created or not path.is_dir():
+        return
+    if not any(p.is_file() and not p.name.startswith(".") for p in path.rglob("*")):
+        shutil.rmtree(path, ignore_errors=True)
+        for parent in list(path.parents)[:3]:  # <method>/<concept>/<model> folders left empty by it
+            with contextlib.suppress(OSError):
+                parent.rmdir()

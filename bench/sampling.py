@@ -6,7 +6,7 @@ DESIGN §1.1. Stock SD-1.x pipelines silently ignore ``denoising_end``/``denoisi
 same seeds (tests/test_sampling.py) and uses only the pipeline's ``encode_prompt``, its UNet/VAE
 and a fresh copy of its scheduler.
 
-Partial-diffusion attack (paper 2409.05668 §2.3 of our notes): θ runs the first ``prefix_steps``
+Partial-diffusion probe (paper 2409.05668 §2.3 of our notes): θ runs the first ``prefix_steps``
 sampler steps, θ* the rest, with the *same* scheduler state (PNDM's ε history, Euler's step index,
 DPM-Solver's past outputs) and the same per-seed random streams. The θ prefix does not depend on
 θ*, so ``prefix_snapshots`` runs it once up to the largest ψ and keeps a ``Snapshot`` at every ψ;
@@ -39,17 +39,18 @@ SNAPSHOT_FORMAT = "concealbench.snapshot/1"
 # ----------------------------------------------------------------------------- configuration
 @dataclass(frozen=True)
 class SamplerConfig:
-    """How every image of a run is sampled (DESIGN §1.1; ``eval`` and ``attack`` config groups).
+    """How every image of a run is sampled (DESIGN §1.1; the ``eval`` config group).
 
     ``guidance`` is the classifier-free-guidance scale w (CFG with the empty prompt, as the stock
     pipeline; w ≤ 1 turns CFG off, as there). ``eta`` is DDIM's η, passed only to schedulers that
-    take it. ``batch_size`` counts images (a CFG forward has twice as many rows).
+    take it. ``batch_size`` counts images (a CFG forward has twice as many rows). How a trajectory
+    is split between two models (the partial-diffusion probe's ``split`` rule) is not a sampler
+    setting: λ_O and λ_U do not depend on it.
     """
 
     steps: int
     guidance: float
     batch_size: int = 64
-    split: str = "step"
     eta: float = 0.0
 
     def __post_init__(self) -> None:
@@ -59,8 +60,6 @@ class SamplerConfig:
             raise ValueError(f"`eval.guidance` must be a finite number >= 0, got {self.guidance!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"`eval.batch_size` must be an integer >= 1, got {self.batch_size!r}")
-        if self.split not in SPLITS:
-            raise ValueError(f"`attack.split` must be one of {list(SPLITS)}, got {self.split!r}")
         if not isinstance(self.eta, (int, float)) or not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"`eval.eta` must be in [0, 1], got {self.eta!r}")
 
@@ -70,21 +69,30 @@ class SamplerConfig:
         return self.guidance > 1.0
 
     def as_metadata(self) -> dict[str, str]:
-        return {"steps": str(self.steps), "guidance": repr(float(self.guidance)),
-                "eta": repr(float(self.eta)), "split": self.split}
+        return {"steps": str(self.steps), "guidance": repr(float(self.guidance)), "eta": repr(float(self.eta))}
 
 
-def check_psi_grid(psis: Sequence[float]) -> list[float]:
+PSI_KEY = "probes.partial_diffusion.psi"
+SPLIT_KEY = "probes.partial_diffusion.split"
+
+
+def check_psi_grid(psis: Sequence[float], key: str = PSI_KEY) -> list[float]:
     """Validate a ψ grid (DESIGN §1.1): non-empty, each ψ in [0, 1], strictly increasing."""
     values = list(psis)
     if not values:
-        raise ValueError("`attack.psi` must be a non-empty list of ratios in [0, 1], got []")
+        raise ValueError(f"`{key}` must be a non-empty list of ratios in [0, 1], got []")
     for p in values:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"`attack.psi` values must be numbers in [0, 1], got {p!r} in {values}")
+            raise ValueError(f"`{key}` values must be numbers in [0, 1], got {p!r} in {values}")
     if any(b <= a for a, b in zip(values, values[1:], strict=False)):
-        raise ValueError(f"`attack.psi` must be sorted and without duplicates, got {values}")
+        raise ValueError(f"`{key}` must be sorted and without duplicates, got {values}")
     return [float(p) for p in values]
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"`{SPLIT_KEY}` must be one of {list(SPLITS)}, got {split!r}")
+    return split
 
 
 def check_seeds(seeds: Sequence[int]) -> list[int]:
@@ -119,7 +127,7 @@ def prefix_steps(scheduler, psi: float, split: str) -> int:
         n_train = scheduler.config.num_train_timesteps
         cutoff = int(round(n_train - psi * n_train))
         return sum(1 for t in timesteps.tolist() if t >= cutoff)
-    raise ValueError(f"`attack.split` must be one of {list(SPLITS)}, got {split!r}")
+    raise ValueError(f"`{SPLIT_KEY}` must be one of {list(SPLITS)}, got {split!r}")
 
 
 # ----------------------------------------------------------------------------- NFE
@@ -258,6 +266,7 @@ class Snapshot:
     scheduler: object
     generator_states: torch.Tensor  # uint8 (N, state bytes), one CPU generator per seed
     sampler: dict[str, str]  # SamplerConfig.as_metadata() of the run that made it
+    split: str = "step"  # the split rule that placed ψ at ``step`` (provenance; continuing needs only ``step``)
 
     def rows(self, lo: int, hi: int, device: torch.device | str):
         """Latents, an independent scheduler copy and generators for seeds ``lo:hi``."""
@@ -281,7 +290,7 @@ class Snapshot:
         """String metadata for a safetensors header; with ``to_tensors`` it rebuilds the snapshot."""
         spec, _ = _state_diff(self.scheduler, int(self.sampler["steps"]))
         return {"format": SNAPSHOT_FORMAT, "psi": repr(self.psi), "step": str(self.step),
-                "seeds": json.dumps(self.seeds), "prompt": self.prompt, **self.sampler,
+                "seeds": json.dumps(self.seeds), "prompt": self.prompt, **self.sampler, "split": self.split,
                 "scheduler_class": type(self.scheduler).__name__,
                 "scheduler_config": json.dumps(dict(self.scheduler.config)),
                 "scheduler_state": json.dumps(spec)}
@@ -295,10 +304,10 @@ class Snapshot:
         steps = int(metadata["steps"])
         sched = _state_restore(metadata["scheduler_class"], json.loads(metadata["scheduler_config"]),
                                steps, json.loads(metadata["scheduler_state"]), tensors, device)
-        sampler = {k: metadata[k] for k in ("steps", "guidance", "eta", "split")}
+        sampler = {k: metadata[k] for k in ("steps", "guidance", "eta")}
         return cls(psi=float(metadata["psi"]), step=int(metadata["step"]), seeds=json.loads(metadata["seeds"]),
                    prompt=metadata["prompt"], latents=tensors["latents"].to(device), scheduler=sched,
-                   generator_states=tensors["generators"].clone(), sampler=sampler)
+                   generator_states=tensors["generators"].clone(), sampler=sampler, split=metadata.get("split", "step"))
 
     def save(self, path) -> None:
         """Write one safetensors file (no pickle)."""
@@ -415,7 +424,7 @@ def decode(pipe, latents: torch.Tensor, batch_size: int = 64) -> np.ndarray:
 @torch.no_grad()
 def prefix_snapshots(pipe, unet_theta, prompt: str, seeds: Sequence[int], psis: Sequence[float],
                      cfg: SamplerConfig, counter: NFECounter | None = None,
-                     progress: bool = False) -> dict[float, Snapshot]:
+                     progress: bool = False, *, split: str = "step") -> dict[float, Snapshot]:
     """Run θ once up to the largest ψ and snapshot the trajectory at every ψ (DESIGN §1.1).
 
     Cost: max_ψ prefix_steps(ψ) steps per seed, instead of Σ_ψ prefix_steps(ψ) for the naive
@@ -425,7 +434,7 @@ def prefix_snapshots(pipe, unet_theta, prompt: str, seeds: Sequence[int], psis: 
     device = _device(pipe)
     emb = _embeddings(pipe, prompt, cfg, device)
     template = make_scheduler(pipe, cfg.steps)
-    steps_of = {p: prefix_steps(template, p, cfg.split) for p in psis}
+    steps_of = {p: prefix_steps(template, p, check_split(split)) for p in psis}
     stops = sorted(set(steps_of.values()))
     batches = _batches(len(seeds), cfg.batch_size)
     parts: dict[int, list] = {k: [] for k in stops}  # step → [(latents, scheduler copy, generator states)]
@@ -446,7 +455,7 @@ def prefix_snapshots(pipe, unet_theta, prompt: str, seeds: Sequence[int], psis: 
         sched = _combine_rows([p[1] for p in batch_parts], tuple(lat.shape[1:]), torch.cat)
         merged[k] = (lat, sched, torch.cat([p[2] for p in batch_parts]))
     return {p: Snapshot(psi=p, step=k, seeds=seeds, prompt=prompt, latents=merged[k][0], scheduler=merged[k][1],
-                        generator_states=merged[k][2], sampler=cfg.as_metadata())
+                        generator_states=merged[k][2], sampler=cfg.as_metadata(), split=split)
             for p, k in steps_of.items()}
 
 
@@ -482,7 +491,8 @@ def continue_from(pipe, unet_star, snapshot: Snapshot, prompt: str, cfg: Sampler
 
 @torch.no_grad()
 def split_generate(pipe, unet_theta, unet_star, prompt: str, seeds: Sequence[int], psi: float,
-                   cfg: SamplerConfig, counter: NFECounter | None = None, stage: str = "naive") -> torch.Tensor:
+                   cfg: SamplerConfig, counter: NFECounter | None = None, stage: str = "naive", *,
+                   split: str = "step") -> torch.Tensor:
     """λ_P(ψ) the direct way, without snapshots: θ from scratch for the prefix, then θ* on the
     same scheduler object (paper §2.3's two pipeline calls, minus the fork's scheduler reset)."""
     seeds = check_seeds(seeds)
@@ -491,7 +501,7 @@ def split_generate(pipe, unet_theta, unet_star, prompt: str, seeds: Sequence[int
     out = []
     for lo, hi in _batches(len(seeds), cfg.batch_size):
         sched = make_scheduler(pipe, cfg.steps, device)
-        k, T = prefix_steps(sched, psi, cfg.split), len(sched.timesteps)
+        k, T = prefix_steps(sched, psi, check_split(split)), len(sched.timesteps)
         latents, gens = _initial(unet_theta, sched, seeds[lo:hi], emb.dtype, device)
         e = _batch_embeddings(emb, hi - lo, cfg)
         latents = _denoise(unet_theta, sched, latents, e, gens, 0, k, cfg, counter, stage, None)

@@ -19,6 +19,7 @@ class Tracker:
         if lg.name != "wandb":
             return
         try:
+            os.environ.setdefault("WANDB_SILENT", "true")  # the job's own summary is what a user reads last
             import wandb
 
             mode = os.environ.get("WANDB_MODE") or lg.get("mode") or "offline"
@@ -57,11 +58,16 @@ class Tracker:
                 for k, m in (record.get(block) or {}).items():
                     if isinstance(m, dict) and m.get("value") is not None:
                         flat[f"{block}/{k}"] = m["value"]
+            log = {}
+            for name, block in (record.get("probes") or {}).items():
+                for k, m in (block.get("metrics") or {}).items():
+                    if isinstance(m, dict) and m.get("value") is not None:
+                        flat[f"{name}/{k}"] = m["value"]
+                table = wandb.Table(columns=[block["axis"]["name"], "p_original", "retrieval", "detection", "specificity"])
+                for row in block.get("curve") or []:
+                    table.add_data(row["x"], row.get("p_original"), row.get("retrieval"), row.get("detection"), row.get("specificity"))
+                log[f"{name}/curve"] = table
             self.run.summary.update(flat)
-            table = wandb.Table(columns=["psi", "p_original", "retrieval", "detection"])
-            for row in record.get("psi_curve") or []:
-                table.add_data(row["psi"], row.get("p_original"), row.get("retrieval"), row.get("detection"))
-            log = {"psi_curve": table}
             for name, rel in (record.get("artifacts") or {}).items():
                 p = run_dir / rel
                 if p.suffix == ".png" and p.exists():
@@ -73,10 +79,21 @@ class Tracker:
         except Exception as e:  # noqa: BLE001
             warnings.warn(f"wandb logging failed: {e}", stacklevel=2)
 
-    def finish(self, failed: bool = False) -> None:
+    def finish(self, outcome: str = "ok") -> None:
+        """Close the run: ``ok``, ``failed``, ``interrupted`` (marked so, with a non-zero exit code —
+        an interrupted job is not finished) or ``bad_input`` (the run is deleted: bad input leaves
+        no trace, like the job folder)."""
         if self.run is None:
             return
+        run, self.run = self.run, None
         try:
-            self.run.finish(exit_code=1 if failed else 0)
+            run.summary["status"] = outcome
+            run.finish(exit_code={"ok": 0, "interrupted": 130}.get(outcome, 1))
         except Exception:  # noqa: BLE001
             pass
+        if outcome == "bad_input":
+            import shutil
+
+            folder = Path(getattr(run, "dir", "") or "").parent  # <wandb dir>/offline-run-…/files → the run folder
+            if folder.name.startswith(("offline-run-", "run-")):
+                shutil.rmtree(folder, ignore_errors=True)

@@ -13,9 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from bench.concepts import Concept, concept_from_cfg
 from bench.pipeline import SHAPES_DIR, model_path
+
+
+def detect_specs(concept: Concept) -> list[tuple[str, str]]:
+    """The (factor, value) pairs whose presence means "the concept is shown" (any of them)."""
+    d = concept.detect
+    parts = d if isinstance(d, (list, tuple)) else [d]
+    return [(p["factor"], p["value"]) for p in parts]
 
 
 @dataclass
@@ -26,11 +34,14 @@ class ShapesDetector:
     name: str = "shapes-oracle"
 
     def concept_hits(self, images: np.ndarray, concept: Concept) -> np.ndarray:
-        """Per image: does it show the concept (detector argmax == the concept's value)?"""
+        """Per image: does it show the concept (detector argmax == one of the concept's values)?"""
         from bench.world.fidelity import factor_hits
 
-        factor, value = concept.detect["factor"], concept.detect["value"]
-        return factor_hits(images, self.det)[factor] == value
+        hits = factor_hits(images, self.det)
+        out = np.zeros(len(images), dtype=bool)
+        for factor, value in detect_specs(concept):
+            out |= hits[factor] == value
+        return out
 
     def prompt_hits(self, images: np.ndarray, prompt: str) -> np.ndarray:
         """Per image: does it show every factor value the prompt names (the prompt's own concept)?"""
@@ -38,6 +49,23 @@ class ShapesDetector:
         from bench.world.fidelity import factor_hits
 
         spec = parse(prompt)
+        hits = factor_hits(images, self.det)
+        ok = np.ones(len(images), dtype=bool)
+        for f, v in spec.items():
+            ok &= hits[f] == v
+        return ok
+
+    def keeps(self, images: np.ndarray, prompt: str, concept: Concept) -> np.ndarray | None:
+        """Specificity (DESIGN §6): per image, does it show every factor the forget prompt names
+        *besides* the concept's (a texture concept keeps shape and colour, …)? None when the prompt
+        names no other factor ("a star")."""
+        from bench.world.captions import parse
+        from bench.world.fidelity import factor_hits
+
+        own = {f for f, _ in detect_specs(concept)}
+        spec = {f: v for f, v in parse(prompt).items() if f not in own}
+        if not spec:
+            return None
         hits = factor_hits(images, self.det)
         ok = np.ones(len(images), dtype=bool)
         for f, v in spec.items():
@@ -58,15 +86,20 @@ def shapes_world_json(model_cfg: Any) -> dict:
 
 
 def shapes_renderer(concept_cfg: Any) -> Callable[[int, int], np.ndarray]:
-    """Renders of a Shapes concept: its detect factor fixed, the other factors uniform."""
+    """Renders of a Shapes concept: its detect factor fixed (one of its values, for a
+    several-concept preset), the other factors uniform."""
     from bench.world.render import FACTORS, render
 
-    factor, value = concept_cfg.detect["factor"], concept_cfg.detect["value"]
+    detect = concept_cfg.detect
+    parts = list(detect) if isinstance(detect, (list, tuple)) or OmegaConf.is_list(detect) else [detect]
+    specs = [(p["factor"], FACTORS[p["factor"]].index(p["value"])) for p in parts]
 
     def _render(n: int, seed: int) -> np.ndarray:
         rng = np.random.default_rng(seed)
         facs = {f: rng.integers(0, len(v), n) for f, v in FACTORS.items()}
-        facs[factor][:] = FACTORS[factor].index(value)
+        which = rng.integers(0, len(specs), n)
+        for j, (factor, value) in enumerate(specs):
+            facs[factor][which == j] = value
         return render(facs["shape"], facs["colour"], facs["texture"], seed=seed + 1).images
 
     return _render

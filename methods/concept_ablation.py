@@ -24,7 +24,7 @@ stop-gradiented (`diffusers/model_pipeline.py` L101–105; CompVis `src/model.py
 Anchor data. Anchor prompts come from the concept preset (`concept.anchor_prompts`) or, when it has
 none, from the shipped list `methods/assets/anchor_prompts/<anchor>.txt` (the reference's own
 `assets/finetune_prompts/` files). Image i uses prompt i mod #prompts (`utils.py` L70), is drawn
-with seed i, and the set is cached under `$CONCEALBENCH_CACHE/anchors/` (default
+with seed i, and the set is cached under `<cache_dir>/anchors/` (the job's cache; default
 `.cache/concealbench/anchors/`), keyed by a content hash of the base UNet, text encoder and VAE
 weights, the prompts, the count and the sampler settings, so every run and seed on the same base
 model shares it (the reference likewise generates its `class_data_dir` once and reuses it).
@@ -74,8 +74,9 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from bench import progress
+from bench.context import MethodContext, context_or_default
 from bench.hparams import ConfigError, Range
 
 ANCHOR_PROMPTS_DIR = Path(__file__).parent / "assets" / "anchor_prompts"
@@ -104,6 +105,7 @@ def unlearn(
     style_prompt: Literal["template", "replace"] = "template",
     augment: Literal["auto", "on", "off"] = "auto",
     hflip: bool = True,
+    ctx: MethodContext | None = None,
 ) -> dict[str, Any]:
     """Ablate ``concept``: regress ε(x_t, c*) onto sg ε(x_t, c) (or ε) on anchor images, in place.
 
@@ -135,7 +137,7 @@ def unlearn(
         t0 = time.perf_counter()
         anchor_images, anchor_info = _anchor_images(
             pipe, prompts, num_anchor_images, anchor_sampler, anchor_steps, anchor_guidance, anchor_batch_size,
-            negative=concept.target if concept.kind == "nudity" else None, nfe=nfe,
+            negative=concept.target if concept.kind == "nudity" else None, nfe=nfe, cache=context_or_default(ctx).cache("anchors"),
         )
         anchor_seconds = time.perf_counter() - t0
         image_prompts = [prompts[i % len(prompts)] for i in range(num_anchor_images)]
@@ -146,10 +148,14 @@ def unlearn(
             prior_loss_weight=prior_loss_weight, use_aug=use_aug, hflip=hflip,
         )
         train_seconds = time.perf_counter() - t1
+    nfe_train = nfe.count - anchor_info["nfe_spent"]
     return {
         "steps": steps,
-        "nfe": nfe.count,
-        "nfe_train": nfe.count - anchor_info["nfe_spent"],
+        # The method's full cost, whether its anchor set was generated now or read from the cache;
+        # what the cache saved this run is beside it (the same job key always records the same NFE).
+        "nfe": nfe_train + anchor_info["nfe"],
+        "nfe_saved_by_cache": anchor_info["nfe"] - anchor_info["nfe_spent"],
+        "nfe_train": nfe_train,
         "trained_parameters": sorted(names),
         "loss_history": history,
         "variant": loss,
@@ -209,10 +215,6 @@ def _target_prompt(prompt: str, target: str, anchors: tuple[str, ...], rule: str
 # Anchor images: generated once per (base model, prompts, sampler), cached on disk
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("CONCEALBENCH_CACHE", ".cache/concealbench")) / "anchors"
-
-
 def _anchor_key(pipe: Any, prompts: list[str], n: int, sampler: Any, steps: int, guidance: float, negative: str | None) -> str:
     from bench.pipeline import state_hash
 
@@ -235,14 +237,14 @@ def _anchor_key(pipe: Any, prompts: list[str], n: int, sampler: Any, steps: int,
 
 def _anchor_images(
     pipe: Any, prompts: list[str], n: int, sampler_name: str, steps: int, guidance: float, batch: int,
-    negative: str | None, nfe: _NfeCounter,
+    negative: str | None, nfe: _NfeCounter, cache: Path,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """uint8 (n, H, W, 3) images of the base model; image i = prompt i mod len, seed i."""
     from diffusers import DPMSolverMultistepScheduler
     from safetensors.torch import load_file, safe_open, save_file
 
     sampler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config) if sampler_name == "dpm-solver" else pipe.scheduler
-    path = _cache_dir() / f"{_anchor_key(pipe, prompts, n, sampler, steps, guidance, negative)}.safetensors"
+    path = Path(cache) / f"{_anchor_key(pipe, prompts, n, sampler, steps, guidance, negative)}.safetensors"
     if path.is_file():
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
@@ -256,7 +258,7 @@ def _anchor_images(
         # The per-image generators own all sampling noise; fork_rng keeps the global stream (which
         # drives training) identical whether the set was generated now or read from the cache.
         with torch.random.fork_rng(devices=[]):
-            for lo in tqdm(range(0, n, batch), desc="anchor images", unit="batch", disable=None):
+            for lo in progress.track(range(0, n, batch), desc="anchor images", unit="batch"):
                 ids = range(lo, min(n, lo + batch))
                 images = pipe(
                     [prompts[i % len(prompts)] for i in ids],
@@ -301,7 +303,7 @@ def _train(pipe, anchor_images, image_prompts, names, targets, anchors, rule, *,
     unet.train()
     try:
         with _bos_stop_gradient(unet):
-            for _ in tqdm(range(steps), desc="concept ablation", unit="step", disable=None):
+            for _ in progress.track(range(steps), desc="concept ablation", unit="step"):
                 idx = order.take(batch_size)
                 x, mask, anchor_text, target_text = _ablation_batch(
                     anchor_images, image_prompts, idx, targets, anchors, rule, use_aug, hflip, pipe.vae_scale_factor

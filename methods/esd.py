@@ -82,8 +82,8 @@ from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from bench import progress
 from bench.hparams import ConfigError, Range
 
 Variant = Literal["esd-x", "esd-u", "esd-x-strict", "full"]
@@ -139,29 +139,31 @@ def unlearn(
     losses: list[float] = []
     nfe = nfe_sampling = 0
 
-    pbar = tqdm(range(iterations), desc=f"ESD ({variant})", disable=None)
-    for _ in pbar:
-        c = e_words[int(torch.randint(len(words), (1,)))].unsqueeze(0).expand(batch_size, -1, -1)
-        c_query = c if e_from is None else e_from.expand(batch_size, -1, -1)
-        run, t_lo, t_hi = _plan(sched, int(torch.randint(ddim_steps, (1,))), timestep_rule)
-        x_T = torch.randn((batch_size, *latent_shape)).to(device)
-        t = torch.randint(t_lo, t_hi, (batch_size,)).to(device)
-        with torch.no_grad():
-            x_t, rows_sampling = _sample(sampler_unet, sched, x_T, run, c_query, e_null, start_guidance)
-            target, rows_target = _target(frozen, x_t, t, e_null, c, c_query if e_from is not None else None, negative_guidance)
-        opt.zero_grad(set_to_none=True)
-        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=c_query).sample, target)
-        loss.backward()
-        opt.step()
-        nfe_sampling += rows_sampling
-        nfe += rows_sampling + rows_target + batch_size
-        losses.append(loss.item())
-        pbar.set_postfix(loss=f"{losses[-1]:.4g}")
-
-    for n, p in unet.named_parameters():
-        p.requires_grad_(flags[n])
-        p.grad = None
-    unet.train(was_training)
+    try:
+        with progress.bar(iterations, f"ESD ({variant})", unit="it") as pbar:
+            for _ in range(iterations):
+                c = e_words[int(torch.randint(len(words), (1,)))].unsqueeze(0).expand(batch_size, -1, -1)
+                c_query = c if e_from is None else e_from.expand(batch_size, -1, -1)
+                run, t_lo, t_hi = _plan(sched, int(torch.randint(ddim_steps, (1,))), timestep_rule)
+                x_T = torch.randn((batch_size, *latent_shape)).to(device)
+                t = torch.randint(t_lo, t_hi, (batch_size,)).to(device)
+                with torch.no_grad():
+                    x_t, rows_sampling = _sample(sampler_unet, sched, x_T, run, c_query, e_null, start_guidance)
+                    target, rows_target = _target(frozen, x_t, t, e_null, c, c_query if e_from is not None else None, negative_guidance)
+                opt.zero_grad(set_to_none=True)
+                loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=c_query).sample, target)
+                loss.backward()
+                opt.step()
+                nfe_sampling += rows_sampling
+                nfe += rows_sampling + rows_target + batch_size
+                losses.append(loss.item())
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{losses[-1]:.4g}")
+    finally:  # also when training raises or is interrupted: the UNet's flags and mode are as they were
+        for n, p in unet.named_parameters():
+            p.requires_grad_(flags[n])
+            p.grad = None
+        unet.train(was_training)
     del frozen
     return {
         "steps": iterations,

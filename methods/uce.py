@@ -67,8 +67,8 @@ import time
 from typing import Annotated, Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
+from bench import progress
 from bench.hparams import Range
 
 # Prompt-expansion templates: HEAD trainscripts/uce_sd_erase.py L160–189 (= 35e91e2 L368–379).
@@ -118,7 +118,7 @@ def unlearn(
         gram += erase_scale * c_erase.T @ c_erase + s_p * c_keep.T @ c_keep
         before = after = 0.0
         names = []
-        for name, linear in tqdm(modules, desc="UCE", disable=None):
+        for name, linear in progress.track(modules, desc="UCE"):
             w_old = linear.weight.detach().to(dtype, copy=True)
             c_erase, c_guide, c_keep, gram = (t.to(w_old.device) for t in (c_erase, c_guide, c_keep, gram))
             v_star = c_guide @ w_old.T  # v*_i = W_old c*_i

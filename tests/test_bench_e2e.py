@@ -25,8 +25,11 @@ def cfg_with(tmp_path, *overrides):
 def strip(rec):
     """A record minus what legitimately differs between runs (timings, dates, cache bookkeeping)."""
     rec = json.loads(json.dumps(rec))
-    for k in ("created", "cost", "env", "wandb", "unlearn", "config"):
+    for k in ("created", "cost", "env", "wandb", "unlearn", "config", "resumed"):
         rec.pop(k, None)
+    for block in rec.get("probes", {}).values():
+        block.pop("cost", None)
+        block.get("state", {}).pop("seconds", None)
     return rec
 
 
@@ -37,30 +40,76 @@ def test_noop_smoke_record_and_rerun_is_skipped(tmp_path, capsys):
     recs = list((tmp_path / "runs").rglob("record.json"))
     assert len(recs) == 1
     rec = json.loads(recs[0].read_text())
-    assert rec["schema_version"] == 1 and rec["status"] == "ok"
+    assert rec["schema_version"] == 2 and rec["status"] == "ok"
     assert rec["method"]["name"] == "noop" and rec["method"]["reference"] == "original"
     assert rec["protocol"]["hash"] and rec["job_key"] in str(recs[0])
-    for name in ("ccs", "crs", "crs_paper", "erasure", "detect_u", "detect_o", "kid_po", "kid_pu", "psi_recover"):
-        assert name in rec["metrics"], name
-        assert set(rec["metrics"][name]) >= {"value", "ci", "n"}
+    for name in ("erasure", "detect_u", "detect_o"):
+        assert set(rec["metrics"][name]) >= {"value", "ci", "n", "resampled"}, name
+    pd = rec["probes"]["partial_diffusion"]
+    for name in ("ccs", "crs", "crs_paper", "kid_po", "kid_pu", "recover"):
+        assert name in pd["metrics"], name
+        assert set(pd["metrics"][name]) >= {"value", "ci", "n"}
+    assert pd["protocol"]["hash"] != rec["protocol"]["hash"] and pd["axis"]["name"] == "psi"
     assert rec["metrics"]["erasure"]["value"] in (0.0, None)  # θ* = θ: nothing erased
     assert rec["retain"]["retention"]["value"] in (1.0, None)
-    assert rec["metrics"]["crs"]["value"] == pytest.approx(0.5)  # identical λ_O/λ_U: every retrieval is a tie
+    assert pd["metrics"]["crs"]["value"] == pytest.approx(0.5)  # identical λ_O/λ_U: every retrieval is a tie
     assert [p["class"] for p in rec["prompts"]] == ["forget", "retain"]
-    assert len(rec["psi_curve"]) == len(cfg.attack.psi)
+    assert len(pd["curve"]) == len(cfg.probes.partial_diffusion.psi)
+    # the bootstrap replicates behind the verdicts: the erasure gate and the recovery point
+    assert len(rec["metrics"]["erasure"]["replicates"]) == 1000 and len(pd["metrics"]["recover"]["replicates"]) == 1000
+    assert rec["metrics"]["erasure"]["n"] == {"prompts": 1, "seeds": max(cfg.eval.n, cfg.eval.detect_n)}
     run_dir = recs[0].parent
-    for f in ("delta.safetensors", "psi_curve.png", "grid_lambda_o.png", "grid_lambda_u.png", "grid_lambda_p.png"):
+    for f in ("delta.safetensors", "curve_partial_diffusion.png", "grid_lambda_o.png", "grid_lambda_u.png", "grid_partial_diffusion.png"):
         assert (run_dir / f).exists(), f
     assert rec["cost"]["total_nfe"] > 0 and rec["cost"]["params_changed"] == 0
+    out = capsys.readouterr().out
+    assert "NOT ERASED" in out and str(recs[0]) in out.splitlines()[-2]  # the summary ends the output
     mtime = recs[0].stat().st_mtime
     assert execute(cfg) == 0  # finished job: skipped
     assert recs[0].stat().st_mtime == mtime
-    # another job (another seed: a different θ*) reuses λ_O and the θ-prefix snapshots from the cache
-    assert execute(cfg_with(tmp_path, "method=noop", "concept=star", "seed=1")) == 0
+    # another job (another method: another θ*) reuses λ_O and the θ-prefix snapshots from the cache
+    assert execute(cfg_with(tmp_path, "method=uce", "concept=star")) == 0
     recs = sorted((tmp_path / "runs").rglob("record.json"), key=lambda p: p.stat().st_mtime)
     rec2 = json.loads(recs[-1].read_text())
     assert rec2["job_key"] != rec["job_key"] and rec2["protocol"]["hash"] == rec["protocol"]["hash"]
     assert rec2["cost"]["cache"]["misses"] == [] and rec2["cost"]["cache"]["hits"]
+
+
+@needs_world
+def test_seed_moves_every_evaluation_seed(tmp_path):
+    """`seed` replicates the evaluation: other reference images, other attacked seeds, another classifier."""
+    recs = {}
+    for seed in (0, 1):
+        assert execute(cfg_with(tmp_path, "method=noop", "concept=star", f"seed={seed}")) == 0
+    for path in (tmp_path / "runs").rglob("record.json"):
+        r = json.loads(path.read_text())
+        recs[r["seed"]] = (r, path.parent)
+    (r0, d0), (r1, d1) = recs[0], recs[1]
+    assert r0["protocol"]["hash"] == r1["protocol"]["hash"] and r0["job_key"] != r1["job_key"]
+    from bench.cache import load_entry
+
+    u0, u1 = load_entry(d0 / "u-0.safetensors")[0]["u"], load_entry(d1 / "u-0.safetensors")[0]["u"]
+    assert not (u0 == u1).all()  # λ_U (and λ_O) from other seeds
+    p0 = load_entry(d0 / "probes" / "partial_diffusion" / "images-0.safetensors")[0]["x0"]
+    p1 = load_entry(d1 / "probes" / "partial_diffusion" / "images-0.safetensors")[0]["x0"]
+    assert not (p0 == p1).all()  # the attacked seeds moved too
+    assert r1["cost"]["cache"]["misses"]  # seed 1 cannot reuse seed 0's λ_O
+
+
+@needs_world
+def test_adding_a_probe_to_a_finished_job_recomputes_nothing_else(tmp_path):
+    base = ["method=uce", "concept=star"]
+    assert execute(cfg_with(tmp_path, *base, "probes=[]")) == 0
+    path = next((tmp_path / "runs").rglob("record.json"))
+    first = json.loads(path.read_text())
+    assert first["probes"] == {} and "erasure" in first["metrics"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in path.parent.iterdir() if p.is_file() and p.name != "record.json"}
+    assert execute(cfg_with(tmp_path, *base)) == 0  # now with partial diffusion: same job key, same folder
+    again = json.loads(path.read_text())
+    assert again["job_key"] == first["job_key"] and "partial_diffusion" in again["probes"]
+    for name, t in stamps.items():  # the delta, λ_U and prompt scores were reused, not rewritten
+        assert (path.parent / name).stat().st_mtime_ns == t, name
+    assert again["metrics"]["erasure"] == first["metrics"]["erasure"]
 
 
 @needs_world
@@ -71,7 +120,7 @@ def test_resume_from_finished_stages_gives_identical_record(tmp_path):
     first = json.loads(path.read_text())
     # emulate a job killed after its first prompt: drop the record and the later stages
     path.unlink()
-    for f in path.parent.glob("*-1.*"):
+    for f in path.parent.rglob("*-1.*"):
         f.unlink()
     assert execute(cfg) == 0
     assert strip(json.loads(path.read_text())) == strip(first)
@@ -94,7 +143,7 @@ def test_killed_mid_attack_resumes_to_identical_record(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
-    while time.time() < deadline and not list((tmp_path / "runs").rglob("images-0.safetensors")):
+    while time.time() < deadline and not list((tmp_path / "runs").rglob("probes/partial_diffusion/images-0.safetensors")):
         time.sleep(0.2)
     p.send_signal(signal.SIGKILL)
     p.wait()

@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 import methods.fmn as fmn
+from bench.context import MethodContext
 from bench.hparams import ConfigError, check_params
 from bench.testing import tiny_concept, tiny_sd_pipeline
 from methods.fmn import unlearn
@@ -183,15 +184,15 @@ def test_textual_inversion_stage_does_not_leak():
     assert not pipe.text_encoder.get_input_embeddings()._forward_hooks
 
 
-def test_generated_images_are_cached(tmp_path, monkeypatch):
-    """SD worlds: no renderer, no folder → images from the base model, cached as PNG."""
-    monkeypatch.setenv("CONCEALBENCH_CACHE", str(tmp_path))
+def test_generated_images_are_cached(tmp_path):
+    """SD worlds: no renderer, no folder → images from the base model, cached as PNG in the job's cache."""
     concept = _concept(render=None)
-    r1 = _run(tiny_sd_pipeline(), concept, num_images=2, image_steps=2)
+    ctx = MethodContext(cache_dir=tmp_path)
+    r1 = _run(tiny_sd_pipeline(), concept, num_images=2, image_steps=2, ctx=ctx)
     assert r1["nfe_images"] == 2 * 2 * 2 and r1["nfe"] == 8 + 4
     folder = Path(r1["images"].split(":", 1)[1])
     assert folder.parent == tmp_path / "fmn_images" and len(list(folder.glob("*.png"))) == 2
-    r2 = _run(tiny_sd_pipeline(), concept, num_images=2, image_steps=2)
+    r2 = _run(tiny_sd_pipeline(), concept, num_images=2, image_steps=2, ctx=ctx)
     assert r2["nfe_images"] == 0 and r2["images"] == r1["images"] and r2["loss_history"] == r1["loss_history"]
 
 

@@ -1,5 +1,5 @@
-"""The sampling engine and the partial-diffusion attack on tiny random SD-shaped pipelines
-(DESIGN §1.1; bench/sampling.py, bench/attack.py)."""
+"""The sampling engine and the partial-diffusion probe's attack on tiny random SD-shaped pipelines
+(DESIGN §1.1; bench/sampling.py, bench/probes/partial_diffusion.py)."""
 from __future__ import annotations
 
 import functools
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.attack import attack, attack_latents, naive_attack
+from bench.probes.partial_diffusion import attack, attack_latents, naive_attack
 from bench.sampling import (
     NFECounter,
     SamplerConfig,
@@ -123,12 +123,12 @@ GRID = [0.0, 0.13, 0.3, 0.55, 1.0]  # PNDM, 8 steps: timesteps 876, 751, 751, 62
 @pytest.mark.parametrize("split", ["step", "timestep"])
 def test_snapshot_path_equals_naive_path(scheduler, split):
     pipe, star = _pipe(scheduler)
-    cfg = _cfg(split=split)
-    ours = attack_latents(pipe, pipe.unet, star, PROMPT, SEEDS, GRID, cfg)
+    cfg = _cfg()
+    ours = attack_latents(pipe, pipe.unet, star, PROMPT, SEEDS, GRID, cfg, split=split)
     for psi in GRID:  # θ from scratch for the prefix, then θ*, same batching
-        assert _maxdiff(ours[psi], split_generate(pipe, pipe.unet, star, PROMPT, SEEDS, psi, cfg)) <= 1e-6
+        assert _maxdiff(ours[psi], split_generate(pipe, pipe.unet, star, PROMPT, SEEDS, psi, cfg, split=split)) <= 1e-6
     if (scheduler, split) == ("pndm", "timestep"):  # the authors' setting, their way: batch 1 from scratch
-        naive = naive_attack(pipe, pipe.unet, star, PROMPT, SEEDS, GRID, cfg)
+        naive = naive_attack(pipe, pipe.unet, star, PROMPT, SEEDS, GRID, cfg, split=split)
         for psi in GRID:  # only the float summation order differs (batch 1 vs 2)
             assert _maxdiff(ours[psi], naive[psi]) <= 1e-5 * naive[psi].abs().max().item()
 
@@ -146,10 +146,10 @@ def test_split_rules_differ_on_pndm_grid():
 def test_snapshot_path_equals_naive_path_stateful_and_stochastic(scheduler):
     # Euler carries a step index; DDPM draws fresh noise each step from the per-seed generators.
     pipe, star = _pipe(scheduler)
-    cfg = _cfg(split="timestep")
-    ours = attack_latents(pipe, pipe.unet, star, PROMPT, SEEDS, [0.1, 0.5], cfg)
+    cfg = _cfg()
+    ours = attack_latents(pipe, pipe.unet, star, PROMPT, SEEDS, [0.1, 0.5], cfg, split="timestep")
     for psi in (0.1, 0.5):
-        assert _maxdiff(ours[psi], split_generate(pipe, pipe.unet, star, PROMPT, SEEDS, psi, cfg)) <= 1e-6
+        assert _maxdiff(ours[psi], split_generate(pipe, pipe.unet, star, PROMPT, SEEDS, psi, cfg, split="timestep")) <= 1e-6
 
 
 def test_snapshots_are_reusable_and_unchanged_by_continuation():
@@ -168,8 +168,8 @@ def test_snapshots_are_reusable_and_unchanged_by_continuation():
 @pytest.mark.parametrize("scheduler", ["pndm", "euler", "ddpm"])
 def test_snapshot_round_trip_gives_identical_continuations(scheduler, tmp_path):
     pipe, star = _pipe(scheduler)
-    cfg = _cfg(split="timestep")
-    snaps = prefix_snapshots(pipe, pipe.unet, PROMPT, SEEDS, [0.13, 0.3], cfg)  # PNDM: steps 1 and 3
+    cfg = _cfg()
+    snaps = prefix_snapshots(pipe, pipe.unet, PROMPT, SEEDS, [0.13, 0.3], cfg, split="timestep")  # PNDM: steps 1 and 3
     for psi, snap in snaps.items():
         meta = snap.metadata
         assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
@@ -178,7 +178,7 @@ def test_snapshot_round_trip_gives_identical_continuations(scheduler, tmp_path):
         loaded = Snapshot.load(tmp_path / f"{psi}.safetensors")
         want = continue_from(pipe, star, snap, PROMPT, cfg)
         for other in (rebuilt, loaded):
-            assert (other.psi, other.step, other.seeds, other.prompt) == (snap.psi, snap.step, snap.seeds, snap.prompt)
+            assert (other.psi, other.step, other.seeds, other.prompt, other.split) == (snap.psi, snap.step, snap.seeds, snap.prompt, "timestep")
             assert torch.equal(continue_from(pipe, star, other, PROMPT, cfg), want)
 
 
@@ -187,7 +187,7 @@ def test_snapshot_refuses_other_sampler_settings():
     snaps = prefix_snapshots(pipe, pipe.unet, PROMPT, SEEDS, [0.5], _cfg())
     with pytest.raises(ValueError, match="sampler settings"):
         continue_from(pipe, star, snaps[0.5], PROMPT, _cfg(guidance=3.0))
-    with pytest.raises(ValueError, match="missing `attack.psi`"):
+    with pytest.raises(ValueError, match="missing `probes.partial_diffusion.psi`"):
         attack_latents(pipe, pipe.unet, star, PROMPT, SEEDS, [0.25], _cfg(), snapshots=snaps)
 
 
@@ -195,29 +195,35 @@ def test_snapshot_refuses_other_sampler_settings():
 @pytest.mark.parametrize("grid", [[0.1, 0.1], [0.5, 0.2], [1.5], [-0.1, 0.5], [], [True]])
 def test_bad_psi_grid_is_rejected_naming_the_key(grid):
     pipe, star = _pipe("ddim")
-    with pytest.raises(ValueError, match="`attack.psi`"):
+    with pytest.raises(ValueError, match="`probes.partial_diffusion.psi`"):
         attack(pipe, pipe.unet, star, PROMPT, SEEDS, grid, _cfg())
-    with pytest.raises(ValueError, match="`attack.psi`"):
+    with pytest.raises(ValueError, match="`probes.partial_diffusion.psi`"):
         prefix_snapshots(pipe, pipe.unet, PROMPT, SEEDS, grid, _cfg())
 
 
 def test_duplicate_grid_message():
     pipe, star = _pipe("ddim")
-    with pytest.raises(ValueError, match=r"`attack.psi` must be sorted and without duplicates, got \[0.1, 0.1\]"):
+    with pytest.raises(ValueError, match=r"`probes.partial_diffusion.psi` must be sorted and without duplicates, got \[0.1, 0.1\]"):
         attack(pipe, pipe.unet, star, PROMPT, SEEDS, [0.1, 0.1], _cfg())
 
 
-@pytest.mark.parametrize(("kw", "key"), [({"steps": 0}, "eval.steps"), ({"split": "half"}, "attack.split"),
-                                         ({"batch_size": 0}, "eval.batch_size"), ({"guidance": -1.0}, "eval.guidance")])
+@pytest.mark.parametrize(("kw", "key"), [({"steps": 0}, "eval.steps"), ({"batch_size": 0}, "eval.batch_size"),
+                                         ({"guidance": -1.0}, "eval.guidance")])
 def test_bad_sampler_config_is_rejected(kw, key):
     with pytest.raises(ValueError, match=f"`{key}`"):
         _cfg(**kw)
 
 
+def test_bad_split_rule_is_rejected_naming_the_probe_key():
+    pipe, _ = _pipe("ddim")
+    with pytest.raises(ValueError, match="`probes.partial_diffusion.split` must be one of"):
+        prefix_snapshots(pipe, pipe.unet, PROMPT, SEEDS, [0.5], _cfg(), split="half")
+
+
 # ----------------------------------------------------------------------------- NFE
 def test_nfe_counts_unet_rows():
     pipe, star = _pipe("pndm")
-    n, cfg = len(SEEDS), _cfg(split="timestep")
+    n, cfg = len(SEEDS), _cfg()
     T = len(make_scheduler(pipe, STEPS).timesteps)
     c = NFECounter()
     generate(pipe, pipe.unet, PROMPT, SEEDS, cfg, counter=c)
@@ -230,8 +236,8 @@ def test_nfe_counts_unet_rows():
     grid = [0.0, 0.3, 0.55]
     ks = [prefix_steps(make_scheduler(pipe, STEPS), p, "timestep") for p in grid]
     ours, naive = NFECounter(), NFECounter()
-    attack_latents(pipe, pipe.unet, star, PROMPT, SEEDS, grid, cfg, counter=ours)
-    naive_attack(pipe, pipe.unet, star, PROMPT, SEEDS, grid, cfg, counter=naive)
+    attack_latents(pipe, pipe.unet, star, PROMPT, SEEDS, grid, cfg, counter=ours, split="timestep")
+    naive_attack(pipe, pipe.unet, star, PROMPT, SEEDS, grid, cfg, counter=naive, split="timestep")
     assert ours.by_stage == {"prefix": 2 * n * max(ks), "continue": 2 * n * sum(T - k for k in ks)}
     assert naive.by_stage == {"naive": 2 * n * T * len(grid)} and naive.calls == T * len(grid) * n
 

@@ -172,7 +172,8 @@ def test_paper_table_composes_and_its_jobs_are_the_authors_rows_plus_fmn_and_uce
 
     cfg = cfg_with("experiment=paper_table", hydra=True)
     assert cfg.hydra.mode.name == "MULTIRUN" and cfg.model.name == "sd14" and cfg.eval.name == "paper"
-    assert cfg.attack.split == "timestep" and cfg.attack.paper_seed == 42
+    pd = cfg.probes.partial_diffusion
+    assert pd.split == "timestep" and pd.paper_seed == 42 and pd.seeds == 8
     sweep = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
     [override] = OverridesParser.create().parse_overrides(sweep)
     pairs = list(override.sweep_string_iterator())
@@ -190,12 +191,14 @@ def test_paper_table_composes_and_its_jobs_are_the_authors_rows_plus_fmn_and_uce
 
 
 # ----------------------------------------------------------------------------- the tiny SD pipeline
-def test_every_method_unlearns_the_sd_shaped_pipeline_loaded_as_sd14(sd_dir, tmp_path, monkeypatch):
+def test_every_method_unlearns_the_sd_shaped_pipeline_loaded_as_sd14(sd_dir, tmp_path):
     from bench.config import validate
+    from bench.context import MethodContext
+    from bench.hparams import takes_context
     from bench.pipeline import load_pipeline, snapshot_state
     from bench.worlds import build_concept
 
-    monkeypatch.setenv("CONCEALBENCH_CACHE", str(tmp_path / "ca-cache"))
+    ctx = MethodContext(cache_dir=tmp_path / "ca-cache")
     pipe = load_pipeline(sd_cfg(tmp_path, sd_dir).model)
     assert type(pipe.scheduler).__name__ == "PNDMScheduler" and pipe.vae.use_slicing
     theta = snapshot_state(pipe.unet)
@@ -203,13 +206,13 @@ def test_every_method_unlearns_the_sd_shaped_pipeline_loaded_as_sd14(sd_dir, tmp
         cfg = sd_cfg(tmp_path, sd_dir, f"method={method}", *params)
         v = validate(cfg)
         pipe.unet.load_state_dict(copy.deepcopy(theta))
-        report = v["fn"](pipe, build_concept(cfg), **v["params"]) or {}
+        report = v["fn"](pipe, build_concept(cfg), **v["params"], **({"ctx": ctx} if takes_context(v["fn"]) else {})) or {}
         changed = [k for k, t in pipe.unet.state_dict().items() if not (t == theta[k]).all()]
         assert changed, f"{method} changed no UNet tensor (report: {report})"
 
 
 def test_full_bench_on_the_sd_shaped_pipeline_at_eval_smoke(sd_dir, tmp_path):
-    cfg = sd_cfg(tmp_path, sd_dir, "method=uce", "attack.psi=[0.0,0.5]")
+    cfg = sd_cfg(tmp_path, sd_dir, "method=uce", "probes.partial_diffusion.psi=[0.0,0.5]")
     assert execute(cfg) == 0
     rec = json.loads(next((tmp_path / "runs").rglob("record.json")).read_text())
     assert rec["status"] == "ok" and rec["model"]["name"] == "sd14" and rec["model"]["world"] == "sd"
@@ -218,13 +221,12 @@ def test_full_bench_on_the_sd_shaped_pipeline_at_eval_smoke(sd_dir, tmp_path):
     assert pipe["autocast"] is None and pipe["dtype"] == "float32"  # CPU: fp32
     assert rec["protocol"]["sampler"] == "PNDMScheduler" and rec["protocol"]["detector"] is None
     assert [p["prompt"] for p in rec["prompts"]] == ["R2D2", "Futuristic robot"]
-    assert {"ccs", "crs", "crs_paper"} <= set(rec["metrics"])
+    assert {"ccs", "crs", "crs_paper"} <= set(rec["probes"]["partial_diffusion"]["metrics"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(FAST))
-def test_every_method_through_the_full_bench_on_the_sd_shaped_pipeline(method, sd_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("CONCEALBENCH_CACHE", str(tmp_path / "ca-cache"))
+def test_every_method_through_the_full_bench_on_the_sd_shaped_pipeline(method, sd_dir, tmp_path):
     assert execute(sd_cfg(tmp_path, sd_dir, f"method={method}", *FAST[method])) == 0
     rec = json.loads(next((tmp_path / "runs").rglob("record.json")).read_text())
     assert rec["status"] == "ok" and rec["cost"]["params_changed"] > 0

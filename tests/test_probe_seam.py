@@ -1,0 +1,79 @@
+"""The probe seam moved partial diffusion out of the job's skeleton without changing a number.
+
+``tests/data/before_seam/`` holds records written by the code before the seam (commit 6cd1956):
+two eval=smoke jobs made for this test (threads=1), and the published eval=quick record of the original model
+on `star` (2 threads). Float results depend on the thread count, so each runs with its own. The same configurations run through the seam must give the same protocol hash and the
+same values — per prompt (value, interval, n, ψ-curve) and aggregated (value, ψ-curve). What the
+verdicts issue redefined on purpose is not compared: aggregate intervals (now a two-level
+bootstrap), ``n`` of aggregates (now independent units) and the job key (no longer depends on the
+probes, so a probe can be added to a finished job).
+"""
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from bench.run import execute
+from tests.conftest import needs_world
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+BEFORE = Path(__file__).parent / "data" / "before_seam"
+PROMPT_LEVEL = {"detect_u", "detect_o", "erasure", "retention", "kid_uo", "classifier_val_acc"}
+LEGACY_QUICK = ["eval.max_forget_prompts=3", "eval.max_retain_prompts=3", "probes.partial_diffusion.psi=[0.0,0.05,0.1,0.2,0.3,0.4,0.55]",
+                "probes.partial_diffusion.seeds=8", "probes.partial_diffusion.retain_seeds=null"]
+
+
+def run_job(tmp_path, *overrides) -> dict:
+    with initialize_config_dir(version_base=None, config_dir=CONF):
+        cfg = compose(config_name="config", overrides=["logger=none", f"out_dir={tmp_path}/runs", f"cache_dir={tmp_path}/cache", *overrides])
+    assert execute(cfg) == 0
+    return json.loads(next((tmp_path / "runs").rglob("record.json")).read_text())
+
+
+def _where(new_prompt_or_record: dict, name: str, block: str = "metrics") -> dict:
+    if name in PROMPT_LEVEL:
+        return new_prompt_or_record[block][name]
+    pd = new_prompt_or_record["probes"]["partial_diffusion"]
+    return pd[block]["recover" if name == "psi_recover" else name]
+
+
+def _curve(old: list[dict]) -> list[dict]:
+    return [{"x": p["psi"], **{k: p[k] for k in ("p_original", "retrieval", "detection")}} for p in old]
+
+
+def assert_same_numbers(old: dict, new: dict) -> None:
+    pd = new["probes"]["partial_diffusion"]
+    assert pd["protocol"]["hash"] == old["protocol"]["hash"]
+    assert [(p["prompt"], p["class"]) for p in new["prompts"]] == [(p["prompt"], p["class"]) for p in old["prompts"]]
+    for po, pn in zip(old["prompts"], new["prompts"], strict=True):
+        for name, m in po["metrics"].items():
+            got = pn["metrics"][name] if name in PROMPT_LEVEL else pn["probes"]["partial_diffusion"]["metrics"]["recover" if name == "psi_recover" else name]
+            assert got["value"] == m["value"] and got["ci"] == m["ci"] and got["n"] == m["n"], (po["prompt"], name)
+            if "curve" in m:
+                assert got["curve"] == m["curve"], (po["prompt"], name)
+        new_curve = [{k: p[k] for k in ("x", "p_original", "retrieval", "detection")} for p in pn["probes"]["partial_diffusion"]["curve"]]
+        assert new_curve == _curve(po["psi_curve"]), po["prompt"]
+    for block, new_block in (("metrics", "metrics"), ("retain", "retain")):
+        for name, m in old[block].items():
+            target = new[new_block] if name in PROMPT_LEVEL else pd[new_block]
+            got = target["recover" if name == "psi_recover" else name]
+            assert got["value"] == pytest.approx(m["value"], rel=1e-12, abs=1e-15), (block, name)
+    for a, b in zip(pd["curve"], _curve(old["psi_curve"]), strict=True):
+        assert {k: a[k] for k in b} == pytest.approx(b, rel=1e-12, abs=1e-15)
+
+
+@needs_world
+@pytest.mark.parametrize(("fixture", "overrides"), [
+    ("uce_star_smoke.json", ["method=uce", "concept=star", "eval=smoke", "threads=1"]),
+    ("fmn_red_smoke.json", ["method=fmn", "concept=red", "eval=smoke", "threads=1"]),
+])
+def test_partial_diffusion_behind_the_seam_gives_the_same_record(tmp_path, fixture, overrides):
+    assert_same_numbers(json.loads((BEFORE / fixture).read_text()), run_job(tmp_path, *overrides))
+
+
+@needs_world
+@pytest.mark.slow
+def test_published_quick_record_reproduces_through_the_seam(tmp_path):
+    old = json.loads((BEFORE / "noop_star_quick.json").read_text())
+    assert_same_numbers(old, run_job(tmp_path, "method=noop", "concept=star", "eval=quick", "threads=2", *LEGACY_QUICK))
