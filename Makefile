@@ -13,12 +13,14 @@ EVAL ?= quick
 MODEL ?= shapes
 PART ?= all
 ARGS ?=
+RUNS ?=
+SEEDS ?= 3
 LAUNCHER ?=
 SWEEP_DIR ?= multirun/sweep-$(METHOD)-$(CONCEPT)
 SEARCH_DIR ?= multirun/search-$(METHOD)-$(CONCEPT)
 
 .DEFAULT_GOAL := help
-.PHONY: help install world world-check throughput bench perf gpu-smoke sweep search leaderboard leaderboard-png test test-slow lint clean
+.PHONY: help install world world-check throughput bench perf gpu-smoke sweep search replicate leaderboard publish leaderboard-png test test-slow lint clean
 
 help: ## Show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z_-]+:.*## /{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -57,10 +59,13 @@ search: ## Optuna search (needs the optuna extra): make search METHOD=esd_x|uce 
 		$(if $(TRIALS),hydra.sweeper.n_trials=$(TRIALS)) $(ARGS)
 	$(PY) -m bench.sweep_report $(SEARCH_DIR)
 
-leaderboard: ## Build the static leaderboard (site, LEADERBOARD.md, results.csv) from runs/ and leaderboard/results/ [ARGS=--strict]
+leaderboard: ## Preview the leaderboard with your runs beside the published ones: runs/leaderboard/site/index.html (changes no tracked file)
 	$(PY) -m leaderboard build $(ARGS)
 
-leaderboard-png: ## Screenshot of the built page into docs/leaderboard.png (Debian's chromium)
+publish: ## Publish finished runs and rebuild the tracked site: make publish RUNS="runs/shapes/star/esd_x/<key> ..." (no RUNS: rebuild only)
+	$(PY) -m leaderboard publish $(RUNS) $(ARGS)
+
+leaderboard-png: ## Screenshot of the published page into docs/leaderboard.png (Debian's chromium)
 	$(PY) -m leaderboard screenshot leaderboard/site/index.html docs/leaderboard.png
 
 test: ## Run the fast test suite

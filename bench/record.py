@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2  # 2: one block per probe, bootstrap replicates for the verdicts (1: the partial-diffusion-only layout)
+from bench.recordspec import SCHEMA_VERSION  # noqa: F401 — re-exported: 2 = one block per probe, replicates for the verdicts
 
 
 def canonical(obj: Any) -> str:

@@ -1,12 +1,17 @@
-"""``python -m leaderboard build`` — records → static site, Markdown table and CSV.
+"""``python -m leaderboard build|publish|screenshot`` — records → static site, Markdown table and CSV.
 
     python -m leaderboard build [--runs runs] [--results leaderboard/results]
-                                [--out leaderboard/site] [--md leaderboard/LEADERBOARD.md] [--strict]
+                                [--out runs/leaderboard/site] [--md runs/leaderboard/LEADERBOARD.md] [--strict]
+    python -m leaderboard publish [RUN_DIR ...] [--strict]
     python -m leaderboard screenshot [page] [png] [--width 1400] [--height 1500]
 
-Every record left out or flagged is printed with its path and the reason; the page is still
-built from the valid records. ``--strict`` exits 1 when there is any such record (CI for the
-published results).
+``build`` (``make leaderboard``) shows your local runs beside the published records, in an ignored
+folder: it never touches a tracked file. ``publish`` (``make publish RUNS=…``) copies the given
+finished run folders (record and images) into ``leaderboard/results/`` and rebuilds the tracked
+site (``leaderboard/site/``) and ``leaderboard/LEADERBOARD.md`` from the published records alone;
+without run folders it only rebuilds them. Every record left out or flagged is printed with its
+path and the reason; the page is still built from the valid records. ``--strict`` exits 1 when
+there is any such record (CI for the published results).
 """
 from __future__ import annotations
 
@@ -14,41 +19,54 @@ import argparse
 import sys
 from pathlib import Path
 
-from leaderboard.build import build
+from leaderboard.build import LOCAL, MARKDOWN, PUBLISHED, SITE, build, publish
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m leaderboard", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build the leaderboard from the records")
+    b = sub.add_parser("build", help="preview: local runs beside the published records, in an ignored folder")
     b.add_argument("--runs", type=Path, default=Path("runs"),
                    help="local run records: <runs>/**/record.json (default: runs)")
-    b.add_argument("--results", type=Path, default=Path("leaderboard/results"),
+    b.add_argument("--results", type=Path, default=PUBLISHED,
                    help="published records committed to the repo (default: leaderboard/results)")
-    b.add_argument("--out", type=Path, default=Path("leaderboard/site"),
-                   help="site folder: index.html, data.js, assets/, records/, results.csv (default: leaderboard/site)")
-    b.add_argument("--md", type=Path, default=Path("leaderboard/LEADERBOARD.md"),
-                   help="Markdown table for the README (default: leaderboard/LEADERBOARD.md)")
+    b.add_argument("--out", type=Path, default=LOCAL / "site",
+                   help="site folder: index.html, data.js, assets/, records/, results.csv (default: runs/leaderboard/site)")
+    b.add_argument("--md", type=Path, default=LOCAL / "LEADERBOARD.md",
+                   help="Markdown tables (default: runs/leaderboard/LEADERBOARD.md)")
     b.add_argument("--strict", action="store_true",
                    help="exit 1 if any record was left out or flagged (errors and warnings)")
+    pub = sub.add_parser("publish", help="copy finished runs into leaderboard/results and rebuild the tracked site from them")
+    pub.add_argument("runs", type=Path, nargs="*", help="run folders (runs/<model>/<concept>/<method>/<job-key>); none = rebuild only")
+    pub.add_argument("--strict", action="store_true", help="exit 1 if any published record was left out or flagged")
     s = sub.add_parser("screenshot", help="PNG of a built page with headless chromium (for the README)")
-    s.add_argument("page", type=Path, nargs="?", default=Path("leaderboard/site/index.html"))
+    s.add_argument("page", type=Path, nargs="?", default=SITE / "index.html")
     s.add_argument("png", type=Path, nargs="?", default=Path("docs/leaderboard.png"))
     s.add_argument("--width", type=int, default=1600)
     s.add_argument("--height", type=int, default=1500)
     args = p.parse_args(argv)
     if args.cmd == "screenshot":
         return screenshot(args.page, args.png, args.width, args.height)
+    if args.cmd == "publish":
+        try:
+            for dst in publish(args.runs, PUBLISHED):
+                print(f"published {dst}")
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        runs, results, out, md = None, PUBLISHED, SITE, MARKDOWN
+    else:
+        runs, results, out, md = args.runs, args.results, args.out, args.md
 
-    result = build(args.runs, args.results, args.out, args.md)
+    result = build(runs, results, out, md)
     for issue in result.issues:
         print(issue, file=sys.stderr)
     n_err = sum(i.severity == "error" for i in result.issues)
     n_warn = sum(i.severity == "warning" for i in result.issues)
     print(f"leaderboard: {len(result.records)} records in {len(result.rankings)} rankings "
-          f"({n_err} left out, {n_warn} warnings) -> {args.out / 'index.html'}, "
-          f"{args.out / 'results.csv'}, {args.md}")
+          f"({n_err} left out, {n_warn} warnings) -> {out / 'index.html'}, "
+          f"{out / 'results.csv'}, {md}")
     if args.strict and result.problems:
         print(f"leaderboard: --strict: {len(result.problems)} problem(s) above", file=sys.stderr)
         return 1

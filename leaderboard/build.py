@@ -4,6 +4,11 @@ Writes ``<out>/index.html`` (+ ``data.js``, ``assets/``, ``records/<job_key>/`` 
 ``<out>/results.csv`` and the Markdown table. The site needs no network: every asset is local
 and the data is a script (``window.LEADERBOARD = …``) because ``fetch()`` fails on file://.
 The same records give byte-identical files: inputs are sorted and nothing reads the clock.
+
+Two builds, so a local run never rewrites published data: ``build`` (``make leaderboard``)
+shows your runs beside the published records in an ignored folder (``runs/leaderboard/``);
+``publish`` (``make publish``) copies chosen runs into ``leaderboard/results/`` and rebuilds the
+tracked site and ``LEADERBOARD.md`` from the published records alone.
 """
 from __future__ import annotations
 
@@ -18,21 +23,30 @@ from markupsafe import Markup
 
 from leaderboard import svg
 from leaderboard.export import markdown, results_csv
-from leaderboard.records import Issue, Record, check_protocols, dedupe, gather, load
+from leaderboard.records import Issue, Record, artifact_keys, check_protocols, dedupe, gather, load
 from leaderboard.table import (
     CLASSES,
+    SUMMARY_KEYS,
     Ranking,
     arrows,
     class_curve,
     direction_text,
     fmt,
+    gold_block,
     make_rankings,
+    method_summary,
+    probe_block,
     setting_text,
+    verdict_matrix,
 )
 
 HERE = Path(__file__).parent
 SCHEMA_PATH = HERE / "schema.json"
 SEVERITIES = ("error", "warning", "info")
+PUBLISHED = HERE / "results"
+SITE = HERE / "site"
+MARKDOWN = HERE / "LEADERBOARD.md"
+LOCAL = Path("runs") / "leaderboard"  # relative to where the build runs (the repository root)
 
 
 @dataclass
@@ -48,7 +62,12 @@ class BuildResult:
 
 
 def load_schema(path: Path = SCHEMA_PATH) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """The schema, with its verdict thresholds checked (one message naming a bad one)."""
+    from bench.verdict import thresholds
+
+    schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    thresholds(schema)
+    return schema
 
 
 def root_label(path: Path) -> str:
@@ -89,6 +108,32 @@ def build(runs: Path | None, results: Path | None, out: Path, md: Path | None,
     return result
 
 
+def publish(run_dirs: list[Path], results: Path = PUBLISHED) -> list[Path]:
+    """Copy finished run folders (``record.json`` and its images) to
+    ``results/<model>/<concept>/<method>/<job-key>/``; stage files and deltas stay behind.
+    Refuses a folder without an ok record (one message naming it)."""
+    copied = []
+    for d in run_dirs:
+        rec_path = Path(d) / "record.json"
+        try:
+            rec = json.loads(rec_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{str(d)!r} holds no readable record.json: {e}") from e
+        if rec.get("status") != "ok":
+            raise ValueError(f"{str(rec_path)!r} is not a finished job (status {rec.get('status')!r})")
+        dst = results / rec["model"]["name"] / rec["concept"]["name"] / rec["method"]["name"] / rec["job_key"]
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in Path(d).iterdir():
+            if f.is_file() and (f.name == "record.json" or f.suffix.lower() == ".png"):
+                shutil.copyfile(f, tmp / f.name)
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp.rename(dst)
+        copied.append(dst)
+    return copied
+
+
 # --- site --------------------------------------------------------------------------------------
 
 def write_site(out: Path, result: BuildResult, schema: dict) -> None:
@@ -104,36 +149,38 @@ def write_site(out: Path, result: BuildResult, schema: dict) -> None:
     _write(out / "index.html", page)
 
 
-def _copy_artifacts(out: Path, records: list[Record], schema: dict) -> dict[str, list[tuple[str, str]]]:
+def _copy_artifacts(out: Path, records: list[Record], schema: dict) -> dict[str, dict[str, str]]:
     """Copy each record's images to ``records/<job_key>/<artifact key><ext>`` (our own names,
-    so a record cannot choose a path in the site); return (label, url) per record."""
+    so a record cannot choose a path in the site); return artifact key → url per record."""
     shutil.rmtree(out / "records", ignore_errors=True)  # the folder is ours: drop stale images
-    images: dict[str, list[tuple[str, str]]] = {}
+    images: dict[str, dict[str, str]] = {}
     for r in records:
         key = r.data["job_key"]
-        images[key] = []
-        for name, label in schema["artifacts"].items():
+        images[key] = {}
+        for name in artifact_keys(r.data, schema):
             if name in r.artifacts:
                 rel = f"records/{key}/{name}{r.artifacts[name].suffix.lower()}"
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(r.artifacts[name], out / rel)
-                images[key].append((label, rel))
+                images[key][name] = rel
     return images
 
 
 def data_js(result: BuildResult, schema: dict) -> str:
     """The page's data as a script. ``<``, ``>`` and ``&`` are escaped inside the JSON so no
     record string can end a script element, whatever context the file is used in."""
-    keep = ("id", "record", "ranking", "concept", "method", "variant", "display", "class",
-            "reference", "verdict", "values", "order")
+    keep = ("id", "group", "record", "records", "seeds", "ranking", "concept", "method", "variant", "display", "class",
+            "reference", "values", "order")
     data = {
         "paper": schema["paper"],
-        "columns": [{k: c[k] for k in ("key", "display", "kind", "null_sort") if k in c}
-                    for c in schema["columns"]],
+        "columns": {rk.id: [{k: c[k] for k in ("key", "display", "kind", "null_sort", "probe") if k in c} for c in rk.columns]
+                    for rk in result.rankings},
         "verdicts": {k: v["display"] for k, v in schema["verdict"]["labels"].items()},
         "verdict_order": schema["verdict"]["order"],
-        "rankings": [{"id": rk.id, "model": rk.model, "protocol": rk.protocol,
-                      "rows": [{k: row[k] for k in keep} for row in rk.rows]} for rk in result.rankings],
+        "rankings": [{"id": rk.id, "model": rk.model, "protocol": rk.protocol, "probes": rk.probes, "legacy": rk.legacy,
+                      "rows": [{**{k: row[k] for k in keep},
+                                "verdicts": {p: {k: v[k] for k in ("key", "probability")} for p, v in row["verdicts"].items()}}
+                               for row in rk.rows]} for rk in result.rankings],
         "issues": [{"source": i.source, "severity": i.severity, "reason": i.reason} for i in result.issues],
     }
     text = json.dumps(data, sort_keys=True, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
@@ -141,18 +188,18 @@ def data_js(result: BuildResult, schema: dict) -> str:
     return f"window.LEADERBOARD = {text};\n"
 
 
+def verdict_definitions(schema: dict) -> dict[str, dict]:
+    th = schema["verdict"]
+    return {k: {"display": v["display"], "definition": v["definition"].format(**th)} for k, v in th["labels"].items()}
+
+
 def page_context(result: BuildResult, schema: dict, images: dict) -> dict[str, Any]:
     th = schema["verdict"]
-    verdicts = {k: {"display": v["display"], "definition": v["definition"].format(**th)}
-                for k, v in th["labels"].items()}
-    columns = [dict(c, arrows=arrows(c), direction=direction_text(c)) for c in schema["columns"]]
+    definitions = [dict(c, arrows=arrows(c), direction=direction_text(c)) for c in schema["columns"]]
     rows = [row for rk in result.rankings for row in rk.rows]
     return {
-        "schema": schema, "columns": columns, "verdicts": verdicts,
-        "summary_columns": [c for c in columns if c["key"] not in ("method", "concept", "curve")],
-        "prompt_columns": [c for c in columns if c["kind"] == "metric" and any(
-            s.split(".")[0] in ("metrics", "retain") for s in c["sources"].values())],
-        "verdict_order": th["order"], "classes": schema["classes"],
+        "schema": schema, "definitions": definitions, "verdicts": verdict_definitions(schema),
+        "verdict_order": th["order"], "classes": schema["classes"], "thresholds": th,
         "references": schema["references"]["labels"],
         "rankings": [_ranking_context(rk, schema, images) for rk in result.rankings],
         "filters": {"concept": sorted({r["concept"] for r in rows}),
@@ -162,65 +209,144 @@ def page_context(result: BuildResult, schema: dict, images: dict) -> dict[str, A
         "issues": result.issues,
         "n_errors": sum(i.severity == "error" for i in result.issues),
         "n_warnings": sum(i.severity == "warning" for i in result.issues),
+        "summary_keys": SUMMARY_KEYS,
     }
 
 
 def _ranking_context(rk: Ranking, schema: dict, images: dict) -> dict:
     labels = schema["protocol"]["labels"]
     settings = [(labels.get(k, k), setting_text(v)) for k, v in rk.protocol.items() if k != "hash"]
-    return {"id": rk.id, "model": rk.model, "hash": rk.protocol["hash"], "settings": settings, "rows": rk.rows,
-            "records": [_detail(r, rk, schema, images.get(r.data["job_key"], [])) for r in rk.records]}
+    probe_settings = []
+    base_keys = set(rk.protocol)
+    for p in rk.probes:
+        proto = next((r.data["probes"][p]["protocol"] for r in rk.records if p in r.data["probes"]
+                      and r.data["probes"][p]["protocol"]["hash"] == rk.probe_protocols[p]), {})
+        own = [(labels.get(k, k), setting_text(v)) for k, v in proto.items() if k not in base_keys or k == "hash"]
+        probe_settings.append({"probe": p, "display": rk.probe_display[p], "settings": own})
+    columns = [dict(c, arrows=arrows(c), direction=direction_text(c),
+                    head=f"{c['display']} — {rk.probe_display[c['probe']]}" if c.get("per_probe") else c["display"])
+               for c in rk.columns]
+    return {"id": rk.id, "model": rk.model, "hash": rk.protocol["hash"], "legacy": rk.legacy, "settings": settings,
+            "probe_settings": probe_settings, "rows": rk.rows, "columns": columns, "probes": rk.probes,
+            "probe_display": rk.probe_display,
+            "summary_columns": [c for c in columns if c["base"] not in ("method", "concept", "curve", "seeds")],
+            "matrix": verdict_matrix(rk), "method_summary": method_summary(rk), "prompt_columns": prompt_columns(schema, rk),
+            "groups": [_detail(g, rk, schema, images) for g in rk.groups]}
 
 
-def _detail(r: Record, rk: Ranking, schema: dict, images: list) -> dict:
-    """Everything the detail view of one record shows (autoescaped by the template)."""
-    d = r.data
-    rows = {row["class"]: row for row in rk.rows if row["record"] == d["job_key"]}
-    gold = rk.golds.get(d["concept"]["name"])
-    gold = None if gold is r else gold
-    curve = class_curve(d, "forget")
-    gold_curve = class_curve(gold.data, "forget") if gold else None
-    markers = {"method": rows["forget"]["values"].get("psi_recover"),
-               "gold": rows["forget"]["values"].get("gold_psi_recover")}
-    psi_grid = [p for p in rk.protocol.get("psi") or [] if isinstance(p, (int, float))]
+def _detail(g, rk: Ranking, schema: dict, images: dict) -> dict:
+    """Everything the detail view of one group (its seeds' records) shows (autoescaped by the template)."""
+    first = g.records[0]
+    d = first.data
+    rows = {row["class"]: row for row in rk.rows if row["group"] == g.id}
+    gold = rk.golds.get(g.concept)
+    probes = []
+    for p in rk.probes:
+        block = probe_block(first, p, rk)
+        if block is None:
+            continue
+        gblock = gold_block(g, first, p, rk)
+        curve = class_curve(d, "forget", p)
+        gold_curve = (gblock or {}).get("curve") if gold is not None and gold is not g else None
+        markers = {"method": (block["metrics"].get("recover") or {}).get("value"),
+                   "gold": (gblock["metrics"].get("recover") or {}).get("value") if gblock and gold is not g else None}
+        seeds = []
+        for r in g.records:
+            b = probe_block(r, p, rk)
+            if b is None:
+                continue
+            per = next((v for v in rows["forget"]["verdicts"][p]["per_seed"] if v["seed"] == r.data.get("seed", 0)), None)
+            seeds.append({"seed": r.data.get("seed", 0), "job_key": r.data["job_key"], "verdict": per,
+                          "metrics": [(name, _metric_text(b["metrics"].get(name), b)) for name in _PROBE_METRICS if name in b["metrics"]],
+                          "gold": _metric_text(((gold_block(g, r, p, rk) or {}).get("metrics") or {}).get("recover"), b)})
+        probes.append({"probe": p, "display": rk.probe_display[p], "axis": block["axis"],
+                       "verdict": rows["forget"]["verdicts"][p],
+                       "plot": Markup(svg.curve_plot(curve, gold_curve, schema["curve"]["series"], block["axis"]["values"], markers,
+                                                     axis_label=block["axis"].get("unit") or block["axis"]["name"])),
+                       "images": [(schema["probe_artifacts"][k], images.get(d["job_key"], {}).get(f"{k}_{p}"))
+                                  for k in schema["probe_artifacts"] if not k.startswith("_") and images.get(d["job_key"], {}).get(f"{k}_{p}")],
+                       "seeds": seeds})
     return {
-        "id": d["job_key"], "display": rows["forget"]["display"],
+        "id": g.id, "display": rows["forget"]["display"],
         "variant": rows["forget"]["variant"] if rows["forget"]["show_variant"] else None,
-        "concept": d["concept"]["name"], "model": d["model"]["name"], "rows": rows, "source": r.source,
+        "concept": g.concept, "model": d["model"]["name"], "rows": rows, "seeds": g.seeds,
+        "sources": [r.source for r in g.records], "legacy": rk.legacy,
         "about": [(k, setting_text(d["concept"][k])) for k in ("kind", "target", "anchor") if k in d["concept"]],
-        "plot": Markup(svg.curve_plot(curve, gold_curve, schema["curve"]["series"], psi_grid, markers)),
-        "images": images, "prompts": _prompts(d, schema),
+        "retain_verdict": rows["retain"]["verdicts"]["retain"],
+        "probes": probes,
+        "images": [(label, images.get(d["job_key"], {}).get(k)) for k, label in schema["artifacts"].items()
+                   if not k.startswith("_") and images.get(d["job_key"], {}).get(k)],
+        "prompts": _prompts(d, rk, schema),
         "params": [(k, _param(v)) for k, v in sorted((d["method"].get("params") or {}).items())]
         if isinstance(d["method"].get("params"), dict) else [],
-        "cost": _cost(d.get("cost")), "provenance": _provenance(d),
+        "cost": _cost(d.get("cost")), "provenance": [_provenance(r.data) for r in g.records],
     }
+
+
+_PROBE_METRICS = ("recover", "ccs", "crs", "crs_paper", "kid_po", "kid_pu")
+_AXIS_FMT = {"key": "axis", "format": "axis", "null_label": "never"}
+
+
+def _metric_text(m: Any, block: dict) -> str:
+    if not isinstance(m, dict):
+        return "—"
+    col = _AXIS_FMT if m is (block.get("metrics") or {}).get("recover") or "basis" in m else {"key": "m", "format": "fixed3"}
+    text = fmt(m.get("value"), col)
+    ci = m.get("ci")
+    if isinstance(ci, list) and len(ci) == 2 and any(isinstance(c, (int, float)) for c in ci):
+        lo = "—" if ci[0] is None else fmt(ci[0], col)
+        hi = "never" if ci[1] is None else fmt(ci[1], col)
+        text += f" [{lo}, {hi}]"
+    return text
 
 
 def _param(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v, sort_keys=True, ensure_ascii=False)
 
 
-def _prompts(d: dict, schema: dict) -> list[dict]:
-    """Per-prompt metrics: the schema's metric columns that come from metrics/retain."""
+def _prompts(d: dict, rk: Ranking, schema: dict) -> list[dict]:
+    """Per-prompt metrics of the group's first seed: the prompt-level ones, then per probe its
+    recovery point and the primary probe's CCS/CRS."""
     out = []
+    cols = [c for c in schema["columns"] if c["kind"] == "metric" and not c.get("per_probe")]
     for p in d.get("prompts", []):
         cells = {}
-        for col in schema["columns"]:
+        for col in cols:
             src = col.get("sources", {}).get(p["class"], "")
-            if col["kind"] == "metric" and src.split(".")[0] in ("metrics", "retain"):
-                m = (p.get("metrics") or {}).get(src.split(".", 1)[1])
-                if isinstance(m, dict) and "value" in m and (m["value"] is None or isinstance(m["value"], (int, float))):
-                    cells[col["key"]] = fmt(m["value"], col)
+            head, _, name = src.partition(".")
+            if head in ("metrics", "retain"):
+                m = p["metrics"].get(name)
+            elif head == "probes":
+                probe, _, rest = name.partition(".")
+                m = ((p["probes"].get(schema["probes"]["primary"]) or {}).get("metrics") or {}).get(rest.split(".")[-1])
+            else:
+                continue
+            if isinstance(m, dict) and "value" in m and (m["value"] is None or isinstance(m["value"], (int, float))):
+                cells[col["key"]] = fmt(m["value"], col)
+        for probe in rk.probes:
+            m = ((p["probes"].get(probe) or {}).get("metrics") or {}).get("recover")
+            if isinstance(m, dict):
+                cells[f"recover:{probe}"] = fmt(m.get("value"), _AXIS_FMT)
+        primary = schema["probes"]["primary"] if schema["probes"]["primary"] in rk.probes else (rk.probes or [None])[0]
+        spark_curve = ((p["probes"].get(primary) or {}).get("curve") or []) if primary else []
         out.append({"prompt": p["prompt"], "class": p["class"], "cells": cells,
-                    "spark": Markup(svg.sparkline(p["psi_curve"], None, schema["curve"]["primary"]))})
+                    "spark": Markup(svg.sparkline(spark_curve, None, schema["curve"]["primary"]))})
     return out
+
+
+def prompt_columns(schema: dict, rk: Ranking) -> list[tuple[str, str]]:
+    cols = [(c["key"], c["display"]) for c in schema["columns"] if c["kind"] == "metric" and not c.get("per_probe")]
+    return cols + [(f"recover:{p}", f"Recovery — {rk.probe_display[p]}") for p in rk.probes]
 
 
 def _cost(cost: Any) -> list[tuple[str, str, str]]:
     if not isinstance(cost, dict):
         return []
     rows = []
-    for stage, c in cost.items():
+    stages = list(cost.items())
+    probes = cost.get("probes") if isinstance(cost.get("probes"), dict) else {}
+    stages += [(f"probe: {name}", c) for name, c in probes.items()]
+    for stage, c in stages:
         if isinstance(c, dict) and ("seconds" in c or "nfe" in c):  # not e.g. cache hit counts
             sec, nfe = c.get("seconds"), c.get("nfe")
             rows.append((stage, fmt(sec, {"key": stage, "format": "seconds"}) if _number(sec) else "—",
@@ -231,9 +357,9 @@ def _cost(cost: Any) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _provenance(d: dict) -> list[tuple[str, str, str | None]]:
-    """(label, text, link) — a link only for an http(s) URL, never a javascript: one."""
-    items = [("job key", d["job_key"], None), ("created", str(d.get("created") or "—"), None)]
+def _provenance(d: dict) -> dict:
+    """(label, text, link) per record — a link only for an http(s) URL, never a javascript: one."""
+    items = [("job key", d["job_key"], None), ("seed", str(d.get("seed", 0)), None), ("created", str(d.get("created") or "—"), None)]
     for k in ("id", "revision", "world"):
         if d["model"].get(k) is not None:
             items.append((f"model {k}", str(d["model"][k]), None))
@@ -243,7 +369,7 @@ def _provenance(d: dict) -> list[tuple[str, str, str | None]]:
     url = wandb.get("url") if isinstance(wandb, dict) else wandb
     if isinstance(url, str) and url:
         items.append(("wandb", url, url if url.startswith(("https://", "http://")) else None))
-    return items
+    return {"seed": d.get("seed", 0), "entries": items}
 
 
 def _number(x: Any) -> bool:

@@ -1,9 +1,12 @@
 """Gather and validate result records — the leaderboard's only input.
 
-A record is ``record.json`` as written by ``bench`` (``bench/record.py``, schema_version 1) under
-``runs/<model>/<concept>/<method>/<job-key>/`` or published under ``leaderboard/results/``. A bad
-record never stops the build: it becomes an :class:`Issue` that names the file and the reason,
-and the page is built from the valid ones (``--strict`` turns any issue into a failing exit).
+A record is ``record.json`` as written by ``bench`` (its layout: ``bench/recordspec.py``, schema 2)
+under ``runs/<model>/<concept>/<method>/<job-key>/`` or published under ``leaderboard/results/``.
+A schema-1 record (the first wave's partial-diffusion-only layout) is converted to the schema-2
+layout, marked ``legacy`` and named in the build report: it ranks only with other schema-1
+records and is never judged (it has no bootstrap replicates). A bad record never stops the
+build: it becomes an :class:`Issue` that names the file and the reason, and the page is built
+from the valid ones (``--strict`` turns any issue into a failing exit).
 """
 from __future__ import annotations
 
@@ -76,6 +79,8 @@ def gather(roots: Iterable[tuple[str, Path]]) -> list[tuple[str, Path]]:
 
 def load(source: str, path: Path, schema: dict) -> tuple[Record | None, list[Issue]]:
     """Parse and validate one record file against ``schema`` (leaderboard/schema.json)."""
+    from bench.recordspec import LEGACY_VERSIONS, SCHEMA_VERSION, check_record, upgrade_v1
+
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -84,25 +89,34 @@ def load(source: str, path: Path, schema: dict) -> tuple[Record | None, list[Iss
         return None, [Issue(source, f"unreadable: {e}")]
     if not isinstance(data, dict):
         return None, [Issue(source, f"not a JSON object (got {type(data).__name__})")]
-    reason = _check_header(data, schema["record_schema_version"])
+    reason = _check_header(data, (SCHEMA_VERSION, *LEGACY_VERSIONS))
     if reason:
         return None, [Issue(source, reason)]
-    errors, warnings = _check_metrics(data, schema)
+    notes = []
+    if data["schema_version"] in LEGACY_VERSIONS:
+        if not isinstance(data.get("metrics"), dict) or not isinstance(data.get("retain"), dict):
+            return None, [Issue(source, "`metrics` and `retain` must be objects")]
+        data = upgrade_v1(data)
+        notes.append(f"schema_version {data['legacy']} (the first wave's layout: no bootstrap replicates, no specificity); "
+                     "shown in its own ranking and not judged — re-run it to rank it with schema-2 records")
+    errors = _check_required(data, schema)  # before check_record drops bad optional values
+    more, warnings = check_record(data) if not errors else ([], [])
+    errors += more
     if errors:
         return None, [Issue(source, "; ".join(errors))]
     record = Record(source, Path(path).parent, data)
-    warnings += _check_curves(data)
+    warnings += _check_prompts(data)
     record.artifacts, artifact_warnings = _check_artifacts(record, schema)
     warnings += artifact_warnings
-    return record, [Issue(source, w, "warning") for w in warnings]
+    return record, [Issue(source, w, "warning") for w in notes + warnings]
 
 
-def _check_header(data: dict, version: int) -> str | None:
+def _check_header(data: dict, versions: tuple[int, ...]) -> str | None:
     got = data.get("schema_version", _MISSING)
     if got is _MISSING:
         return "missing `schema_version`"
-    if got != version or isinstance(got, bool):
-        return f"unknown schema_version {_show(got)} (this build reads {version})"
+    if got not in versions or isinstance(got, bool):
+        return f"unknown schema_version {_show(got)} (this build reads {', '.join(map(str, versions))})"
     status = data.get("status")
     if status == "failed":
         return f"status: failed ({data.get('error') or 'the record gives no error message'})"
@@ -123,79 +137,50 @@ def _check_header(data: dict, version: int) -> str | None:
     return None
 
 
-def _check_metrics(data: dict, schema: dict) -> tuple[list[str], list[str]]:
-    """Required metrics must be present and finite (or null where the schema allows it); an
-    optional metric that is NaN/inf or not a number is left out, with a warning."""
-    errors, warnings = [], []
-    for section in ("metrics", "retain"):
-        if not isinstance(data.get(section), dict):
-            errors.append(f"`{section}` must be an object, got {_show(data.get(section, _MISSING))}")
-    if errors:
-        return errors, warnings
+def _check_required(data: dict, schema: dict) -> list[str]:
+    """Every metric the schema requires, in every place it applies: the prompt-level ones always,
+    the probe-level ones in each probe block the record has (``{probe}``) or in its primary probe's."""
+    errors = []
+    primary = schema["probes"]["primary"]
     for col in schema["columns"]:
-        for cls, dotted in col.get("sources", {}).items():
-            required = cls in col.get("required", [])
-            problem = _metric_problem(data, dotted, required, col.get("nullable", True))
-            if problem is None:
+        for cls, src in col.get("sources", {}).items():
+            if cls not in col.get("required", []):
                 continue
-            if required:
-                errors.append(problem)
-            elif lookup(data, dotted) is not _MISSING:
-                warnings.append(problem + "; left out")
-                _drop(data, dotted)
-    return errors, warnings
+            probes = list(data["probes"]) if "{probe}" in src else [primary] if "{primary}" in src else [None]
+            for p in probes:
+                if p is not None and p not in data["probes"]:
+                    continue
+                dotted = src.replace("{probe}", p or "").replace("{primary}", p or "")
+                raw = lookup(data, dotted)
+                if raw is _MISSING:
+                    errors.append(f"`{dotted}` is missing")
+                elif not isinstance(raw, dict) or "value" not in raw:
+                    errors.append(f"`{dotted}` must be an object with a `value`, got {_show(raw)}")
+                elif raw["value"] is None:
+                    if not col.get("nullable", True):
+                        errors.append(f"`{dotted}.value` is null")
+                elif not _is_number(raw["value"]):
+                    errors.append(f"`{dotted}.value` must be a number, got {_show(raw['value'])}")
+                elif not math.isfinite(raw["value"]):
+                    errors.append(f"`{dotted}.value` is {'NaN' if math.isnan(raw['value']) else 'infinite'}")
+    return errors
 
 
-def _metric_problem(data: dict, dotted: str, required: bool, nullable: bool) -> str | None:
-    raw = lookup(data, dotted)
-    if raw is _MISSING:
-        return f"`{dotted}` is missing" if required else None
-    # Inside metrics/retain a metric is {"value", "ci", "n"}; elsewhere (cost, gold) a bare number.
-    if dotted.split(".")[0] in ("metrics", "retain"):
-        if not isinstance(raw, dict) or "value" not in raw:
-            return f"`{dotted}` must be an object with a `value`, got {_show(raw)}"
-        dotted, raw = f"{dotted}.value", raw["value"]
-    if raw is None:
-        return None if nullable else f"`{dotted}` is null"
-    if not _is_number(raw):
-        return f"`{dotted}` must be a number, got {_show(raw)}"
-    if not math.isfinite(raw):
-        return f"`{dotted}` is {'NaN' if math.isnan(raw) else 'infinite'}"
-    return None
-
-
-def _drop(data: dict, dotted: str) -> None:
-    """Remove a bad optional value so it shows as absent ("—"), not as a meaningful null."""
-    *parents, last = dotted.split(".")
-    for part in parents:
-        data = data[part]
-    del data[last]
-
-
-def _check_curves(data: dict) -> list[str]:
-    """A malformed ψ-curve or prompt list only costs the plots, not the record."""
-    warnings = []
-    if not _valid_curve(data.get("psi_curve")):
-        if data.get("psi_curve") is not None:
-            warnings.append("`psi_curve` is malformed; no ψ-curve is drawn")
-        data["psi_curve"] = []
+def _check_prompts(data: dict) -> list[str]:
+    """A malformed prompt list only costs the per-prompt table, not the record."""
     prompts = data.get("prompts")
     ok = isinstance(prompts, list) and all(
         isinstance(p, dict) and isinstance(p.get("prompt"), str) and p.get("class") in ("forget", "retain")
         for p in prompts)
     if not ok:
-        if prompts is not None:
-            warnings.append("`prompts` is malformed; per-prompt results are not shown")
         data["prompts"] = []
-    for p in data["prompts"]:
-        if not _valid_curve(p.get("psi_curve")):
-            p["psi_curve"] = []
-    return warnings
-
-
-def _valid_curve(curve: Any) -> bool:
-    return isinstance(curve, list) and all(
-        isinstance(pt, dict) and _is_number(pt.get("psi")) and math.isfinite(pt["psi"]) for pt in curve)
+        return ["`prompts` is malformed; per-prompt results are not shown"] if prompts is not None else []
+    for p in prompts:
+        if not isinstance(p.get("metrics"), dict):
+            p["metrics"] = {}
+        if not isinstance(p.get("probes"), dict):
+            p["probes"] = {}
+    return []
 
 
 def _check_artifacts(record: Record, schema: dict) -> tuple[dict[str, Path], list[str]]:
@@ -205,8 +190,8 @@ def _check_artifacts(record: Record, schema: dict) -> tuple[dict[str, Path], lis
         return {}, []
     found, warnings = {}, []
     base = record.directory.resolve()
-    for key in schema["artifacts"]:
-        if key.startswith("_") or artifacts.get(key) is None:
+    for key in artifact_keys(record.data, schema):
+        if artifacts.get(key) is None:
             continue
         rel = artifacts[key]
         path = (base / rel).resolve() if isinstance(rel, str) else None
@@ -219,6 +204,15 @@ def _check_artifacts(record: Record, schema: dict) -> tuple[dict[str, Path], lis
         else:
             found[key] = path
     return found, warnings
+
+
+def artifact_keys(data: dict, schema: dict) -> list[str]:
+    """The artifact keys the detail view shows, in order: the schema's fixed ones, then per probe
+    its curve and image grid (``curve_<probe>``, ``grid_<probe>``)."""
+    keys = [k for k in schema["artifacts"] if not k.startswith("_")]
+    for p in data.get("probes") or {}:
+        keys += [f"{kind}_{p}" for kind in schema["probe_artifacts"] if not kind.startswith("_")]
+    return keys
 
 
 def dedupe(records: list[Record], preferred_label: str) -> tuple[list[Record], list[Issue]]:

@@ -1,15 +1,21 @@
-"""Records → rankings → rows: values, formatted cells and the verdict, all driven by schema.json.
+"""Records → rankings → groups → rows: values, formatted cells and verdicts, all driven by schema.json.
 
-A ranking is one (model, protocol hash): rows from different protocols are never compared.
-Every record gives two rows, like the Forget and Retain rows of the paper's table: ``forget``
-from the record's ``metrics`` and ``retain`` from its ``retain`` section.
+A ranking is one (model, shared protocol hash): rows from different protocols are never compared,
+and schema-1 records (``legacy``) only ever rank among themselves. Within a ranking the records of
+one method configuration on one concept — its replicated seeds — form a **group**, shown as one
+row per class (``forget``, ``retain``) with the mean over seeds and their spread. Verdicts come
+from ``bench.verdict`` (the same code a job's own summary uses): per seed, each against the gold
+standard's record of the same seed and probe protocol, then combined (seeds that disagree read
+"inconclusive").
 """
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench import verdict as V
 from leaderboard import svg
 from leaderboard.records import _MISSING, Record, lookup
 
@@ -17,13 +23,38 @@ CLASSES = ("forget", "retain")
 
 
 @dataclass
+class Group:
+    """One method configuration on one concept: its records, one per seed, in seed order."""
+
+    id: str
+    concept: str
+    method: str
+    reference: str | None
+    records: list[Record]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [int(r.data.get("seed", 0)) for r in self.records]
+
+    def by_seed(self, seed: int) -> Record | None:
+        return next((r for r in self.records if int(r.data.get("seed", 0)) == seed), None)
+
+
+@dataclass
 class Ranking:
     id: str
     model: dict
     protocol: dict
+    legacy: bool
+    probes: list[str]
+    probe_display: dict[str, str]
+    probe_protocols: dict[str, str]
     records: list[Record]
-    golds: dict[str, Record] = field(default_factory=dict)  # concept → its gold-standard record
+    groups: list[Group] = field(default_factory=list)
+    golds: dict[str, Group] = field(default_factory=dict)  # concept → the gold-standard group
     rows: list[dict] = field(default_factory=list)
+    verdicts: dict[str, dict[str, dict]] = field(default_factory=dict)  # group id → probe (or "retain") → verdict
+    columns: list[dict] = field(default_factory=list)
 
 
 def better(column: dict, cls: str) -> str:
@@ -40,108 +71,202 @@ def reference_of(record: Record, schema: dict) -> str | None:
     return schema["references"]["by_method"].get(record.data["method"]["name"])
 
 
+def _group_key(r: Record) -> tuple:
+    m = r.data["method"]
+    params = json.dumps(m.get("params") or {}, sort_keys=True, default=str)
+    return (r.data["concept"]["name"], m["name"], m.get("variant") if isinstance(m.get("variant"), str) else "", params)
+
+
+def _probe_order(names: set[str], schema: dict) -> list[str]:
+    order = schema["probes"]["order"]
+    return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
+
+
+def expand_columns(schema: dict, probes: list[str]) -> list[dict]:
+    """The schema's columns for a ranking: a ``per_probe`` column once per probe (key ``key:probe``);
+    ``{primary}`` sources point at the primary probe (partial diffusion: the paper's metrics)."""
+    primary = schema["probes"]["primary"]
+    out = []
+    for col in schema["columns"]:
+        if col.get("per_probe"):
+            for p in probes:
+                c = dict(col, key=f"{col['key']}:{p}", base=col["key"], probe=p)
+                c["sources"] = {k: v.replace("{probe}", p) for k, v in col.get("sources", {}).items()}
+                out.append(c)
+        else:
+            c = dict(col, base=col["key"], probe=primary if any("{primary}" in v for v in col.get("sources", {}).values()) else None)
+            c["sources"] = {k: v.replace("{primary}", primary) for k, v in col.get("sources", {}).items()}
+            if c["probe"] and c["probe"] not in probes:
+                continue  # a ranking without the primary probe has no such column
+            out.append(c)
+    return out
+
+
 def make_rankings(records: list[Record], schema: dict) -> list[Ranking]:
-    """Group records by (model, protocol hash) and build each ranking's rows in rank order."""
-    groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
+    """Group records by (model, shared protocol hash, legacy) and build each ranking's rows."""
+    th = V.thresholds(schema)
+    by: dict[tuple, list[Record]] = defaultdict(list)
     for r in records:
-        groups[(r.data["model"]["name"], r.data["protocol"]["hash"])].append(r)
+        by[(r.data["model"]["name"], bool(r.data.get("legacy")), r.data["protocol"]["hash"])].append(r)
     rankings = []
-    for i, key in enumerate(sorted(groups), start=1):
-        recs = sorted(groups[key], key=lambda r: r.source)
-        ranking = Ranking(f"ranking-{i}", recs[0].data["model"], recs[0].data["protocol"], recs)
-        ranking.golds = {r.data["concept"]["name"]: r for r in recs if reference_of(r, schema) == "gold"}
+    for i, key in enumerate(sorted(by), start=1):
+        recs = sorted(by[key], key=lambda r: r.source)
+        names = {p for r in recs for p in r.data["probes"]}
+        probes = _probe_order(names, schema)
+        display = {p: next((r.data["probes"][p].get("display") for r in recs if p in r.data["probes"]), p) or p for p in probes}
+        protos = {p: _majority([r.data["probes"][p]["protocol"]["hash"] for r in recs if p in r.data["probes"]]) for p in probes}
+        rk = Ranking(f"ranking-{i}", recs[0].data["model"], recs[0].data["protocol"], key[1], probes, display, protos, recs)
+        rk.columns = expand_columns(schema, probes)
+        groups: dict[tuple, list[Record]] = defaultdict(list)
         for r in recs:
+            groups[_group_key(r)].append(r)
+        for n, gkey in enumerate(sorted(groups)):
+            members = sorted(groups[gkey], key=lambda r: (int(r.data.get("seed", 0)), r.source))
+            g = Group(f"{rk.id}-g{n}", gkey[0], gkey[1], reference_of(members[0], schema), members)
+            rk.groups.append(g)
+            if g.reference == "gold":
+                rk.golds.setdefault(g.concept, g)
+        for g in rk.groups:
+            rk.verdicts[g.id] = group_verdicts(g, rk, th)
             for cls in CLASSES:
-                ranking.rows.append(make_row(r, cls, ranking, ranking.golds.get(r.data["concept"]["name"]), schema))
-        ranking.rows.sort(key=lambda row: _rank_key(row, schema))
-        for n, row in enumerate(ranking.rows):
+                rk.rows.append(make_row(g, cls, rk, schema))
+        rk.rows.sort(key=lambda row: _rank_key(row, schema))
+        for n, row in enumerate(rk.rows):
             row["order"] = n
-        rankings.append(ranking)
+        rankings.append(rk)
     return rankings
 
 
-def make_row(record: Record, cls: str, ranking: Ranking, gold: Record | None, schema: dict) -> dict:
-    """One table row: raw ``values`` (for sorting and the CSV), formatted ``cells``, verdict."""
-    d = record.data
+def _majority(hashes: list[str]) -> str:
+    counts: dict[str, int] = defaultdict(int)
+    for h in hashes:
+        counts[h] += 1
+    return max(sorted(counts), key=lambda h: counts[h])
+
+
+def probe_block(record: Record, probe: str, ranking: Ranking) -> dict | None:
+    """The record's block of ``probe`` if it was run under the ranking's protocol for that probe."""
+    block = record.data["probes"].get(probe)
+    if block is None or block["protocol"]["hash"] != ranking.probe_protocols.get(probe):
+        return None
+    return block
+
+
+def gold_block(group: Group, record: Record, probe: str, ranking: Ranking) -> dict | None:
+    """What a record of ``group`` is judged against for ``probe``: the gold standard's block for the
+    same concept, seed and probe protocol (the gold group itself for its own records)."""
+    if group.reference == "gold":
+        return probe_block(record, probe, ranking)
+    gold = ranking.golds.get(group.concept)
+    g = gold.by_seed(int(record.data.get("seed", 0))) if gold else None
+    return probe_block(g, probe, ranking) if g else None
+
+
+def group_verdicts(group: Group, ranking: Ranking, th: dict) -> dict[str, dict]:
+    """Per probe the forget verdict, and under ``retain`` the retain verdict: combined over the
+    group's seeds, with each seed's own verdict and probability kept beside."""
+    out = {}
+    for probe in ranking.probes:
+        per = []
+        for r in group.records:
+            block = probe_block(r, probe, ranking)
+            v = V.judge_forget(r.data["metrics"], block, gold_block(group, r, probe, ranking), probe, th) if block else None
+            if v is not None:
+                per.append((int(r.data.get("seed", 0)), v))
+        out[probe] = _combined(per)
+    out["retain"] = _combined([(int(r.data.get("seed", 0)), V.judge_retain(r.data["retain"], th)) for r in group.records])
+    return out
+
+
+def _combined(per: list[tuple[int, V.Verdict]]) -> dict:
+    if not per:
+        return {"key": "undefined", "probability": None, "detail": "not run under this ranking's protocol", "per_seed": []}
+    c = V.combine([v for _, v in per])
+    return {**c.to_dict(), "per_seed": [{"seed": s, **v.to_dict()} for s, v in per]}
+
+
+def make_row(group: Group, cls: str, ranking: Ranking, schema: dict) -> dict:
+    """One table row: raw ``values`` (for sorting and the CSV), formatted ``cells``, verdicts."""
     values: dict[str, Any] = {}
     cells: dict[str, dict] = {}
-    for col in schema["columns"]:
+    for col in ranking.columns:
         src = col.get("sources", {}).get(cls)
         if src is None:
             continue
-        found, value, meta = _value(d, src)
-        if col["key"] == "gold_psi_recover" and not found and gold is not None:
-            found, value, meta = _value(gold.data, "metrics.psi_recover")
-        if found:
-            values[col["key"]] = value
-            cells[col["key"]] = {"text": fmt(value, col), "title": _title(meta, col),
-                                 "better": better(col, cls)}
-    curve = class_curve(d, cls)
-    gold_curve = class_curve(gold.data, cls) if gold is not None and gold is not record else None
-    ref = reference_of(record, schema)
+        owner = group
+        if col["kind"] == "gold":
+            owner = ranking.golds.get(group.concept)
+            if owner is None or owner is group:
+                continue
+        found = []
+        for r in owner.records:
+            if col.get("probe") and probe_block(r, col["probe"], ranking) is None:
+                continue
+            raw = lookup(r.data, src)
+            if raw is not _MISSING:
+                found.append((int(r.data.get("seed", 0)), raw))
+        if col["kind"] == "gold":  # the gold's value for the seeds this group has
+            mine = set(group.seeds)
+            found = [(s, raw) for s, raw in found if s in mine] or found
+        if not found:
+            continue
+        value, title = _combine_values(found, col)
+        values[col["key"]] = value
+        cells[col["key"]] = {"text": fmt(value, col), "title": title, "better": better(col, cls)}
+    first = group.records[0].data
+    primary = schema["probes"]["primary"] if schema["probes"]["primary"] in ranking.probes else (ranking.probes or [None])[0]
+    curve = class_curve(first, cls, primary)
+    gold = ranking.golds.get(group.concept)
+    gold_curve = class_curve(gold.records[0].data, cls, primary) if gold is not None and gold is not group else None
+    m = first["method"]
+    verdicts = ranking.verdicts[group.id]
     return {
-        "id": f"{d['job_key']}-{cls}", "record": d["job_key"], "ranking": ranking.id,
-        "concept": d["concept"]["name"], "method": d["method"]["name"],
-        "variant": d["method"].get("variant") if isinstance(d["method"].get("variant"), str) else None,
-        "display": method_display(d), "show_variant": _show_variant(d), "class": cls, "reference": ref,
-        "verdict": verdict(cls, ref, values, "gold_psi_recover" in values, psi_max(ranking.protocol),
-                           schema["verdict"]),
+        "id": f"{group.id}-{cls}", "group": group.id, "record": first["job_key"], "records": [r.data["job_key"] for r in group.records],
+        "seeds": group.seeds, "ranking": ranking.id, "concept": group.concept, "method": group.method,
+        "variant": m.get("variant") if isinstance(m.get("variant"), str) else None,
+        "display": method_display(first), "show_variant": _show_variant(first), "class": cls, "reference": group.reference,
+        "verdicts": {p: verdicts[p] for p in ranking.probes} if cls == "forget" else {"retain": verdicts["retain"]},
         "values": values, "cells": cells, "curve": curve,
         "spark": svg.sparkline(curve, gold_curve, schema["curve"]["primary"]),
     }
 
 
-def verdict(cls: str, reference: str | None, values: dict, gold_known: bool, grid_max: float,
-            th: dict) -> str:
-    """The row's verdict key (schema ``verdict.labels``).
-
-    Forget rows: ``not_erased`` when prompt-level erasure < ``erasure_min``; otherwise compare
-    ψ_recover with the gold standard's: recovering more than ``psi_margin`` earlier than a model
-    that never learned the concept is ``concealed``, else ``removed`` (a ψ_recover of "never" is
-    removed; a gold standard that never recovers counts as recovering at the grid's last ψ).
-    Without a known gold standard concealment cannot be judged: ``no_gold``.
-    Retain rows: ``kept`` / ``damaged`` from ``retention_min``.
-    """
-    if reference:
-        return "reference"
-    if cls == "retain":
-        r = values.get("retention")
-        return "undefined" if r is None else ("kept" if r >= th["retention_min"] else "damaged")
-    e = values.get("erasure")
-    if e is None:
-        return "undefined"
-    if e < th["erasure_min"]:
-        return "not_erased"
-    if not gold_known:
-        return "no_gold"
-    psi = values.get("psi_recover")
-    if psi is None:
-        return "removed"
-    gold = values["gold_psi_recover"]
-    gold = grid_max if gold is None else gold
-    # 1e-9: 0.4 - 0.1 is 0.30000000000000004 in floats; ψ = 0.3 sits exactly on the margin.
-    return "concealed" if psi < gold - th["psi_margin"] - 1e-9 else "removed"
+def _raw_value(raw: Any) -> tuple[Any, dict]:
+    return (raw.get("value"), raw) if isinstance(raw, dict) else (raw, {})
 
 
-def psi_max(protocol: dict) -> float:
-    grid = [p for p in protocol.get("psi") or [] if isinstance(p, (int, float)) and not isinstance(p, bool)]
-    return float(max(grid)) if grid else 1.0
+def _combine_values(found: list[tuple[int, Any]], col: dict) -> tuple[Any, str]:
+    """One value per seed → the shown value (the mean; None when every seed is None) and its title
+    (the 95% interval of a single seed, or each seed's value and their spread)."""
+    vals = [(s, *_raw_value(raw)) for s, raw in found]
+    if len(vals) == 1:
+        _, v, meta = vals[0]
+        return v, _title(meta, col)
+    nums = [v for _, v, _ in vals if _is_number(v)]
+    value = float(f"{sum(nums) / len(nums):.12g}") if nums else None  # no float noise from the mean in the CSV
+    each = ", ".join(f"{s}: {fmt(v, col)}" for s, v, _ in vals)
+    spread = f"; spread {fmt(min(nums), col)}–{fmt(max(nums), col)}" if len(nums) > 1 else ""
+    nulls = len(vals) - len(nums)
+    extra = f"; {col.get('null_label', 'undefined')} in {nulls} of {len(vals)} seeds" if nulls and nums else ""
+    return value, f"mean over seeds ({each}){spread}{extra}"
 
 
-def class_curve(data: dict, cls: str) -> list[dict]:
-    """The forget curve is the record's ``psi_curve``; the retain curve (and a forget curve
-    the record lacks) is the mean over that class's prompts, per ψ and per series."""
-    if cls == "forget" and data.get("psi_curve"):
-        return sorted(data["psi_curve"], key=lambda pt: pt["psi"])
+def class_curve(data: dict, cls: str, probe: str | None) -> list[dict]:
+    """A probe's forget curve is its block's ``curve``; the retain curve is the mean over the retain
+    prompts' curves of that probe, per axis value and series."""
+    if probe is None:
+        return []
+    block = data["probes"].get(probe) or {}
+    if cls == "forget" and block.get("curve"):
+        return sorted(block["curve"], key=lambda pt: pt["x"])
     sums: dict[float, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for p in data.get("prompts", []):
-        if p["class"] == cls:
-            for pt in p["psi_curve"]:
+        if p.get("class") == cls:
+            for pt in ((p.get("probes") or {}).get(probe) or {}).get("curve") or []:
                 for k, v in pt.items():
-                    if k != "psi" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                        sums[pt["psi"]][k].append(float(v))
-    return [{"psi": psi, **{k: sum(vs) / len(vs) for k, vs in sorted(series.items())}}
-            for psi, series in sorted(sums.items())]
+                    if k != "x" and _is_number(v) and _is_number(pt.get("x")):
+                        sums[pt["x"]][k].append(float(v))
+    return [{"x": x, **{k: sum(vs) / len(vs) for k, vs in sorted(series.items())}} for x, series in sorted(sums.items())]
 
 
 def method_display(data: dict) -> str:
@@ -159,13 +284,8 @@ def _show_variant(data: dict) -> bool:
     return isinstance(v, str) and bool(v) and v.lower() not in (method_display(data).lower(), m["name"].lower())
 
 
-def _value(data: dict, src: str) -> tuple[bool, Any, dict]:
-    raw = lookup(data, src)
-    if raw is _MISSING:
-        return False, None, {}
-    if isinstance(raw, dict):
-        return True, raw.get("value"), raw
-    return True, raw, {}
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def fmt(value: Any, column: dict) -> str:
@@ -175,8 +295,8 @@ def fmt(value: Any, column: dict) -> str:
     f = column.get("format", "fixed3")
     if f.startswith("fixed"):
         return f"{value:.{int(f[5:])}f}"
-    if f == "psi":
-        return f"{value:.2f}"
+    if f in ("psi", "axis"):
+        return f"{value:.2f}" if abs(value) < 10 else f"{value:.0f}"
     if f == "seconds":
         if value < 60:
             return f"{value:.1f} s"
@@ -191,27 +311,40 @@ def fmt(value: Any, column: dict) -> str:
 def _title(meta: dict, column: dict) -> str:
     parts = []
     ci = meta.get("ci")
-    if isinstance(ci, list) and len(ci) == 2 and all(isinstance(c, (int, float)) for c in ci):
-        parts.append(f"95% CI [{fmt(ci[0], column)}, {fmt(ci[1], column)}]")
-    if isinstance(meta.get("n"), int):
-        parts.append(f"n = {meta['n']}")
+    if isinstance(ci, list) and len(ci) == 2 and all(c is None or _is_number(c) for c in ci) and any(_is_number(c) for c in ci):
+        lo = "—" if ci[0] is None else fmt(ci[0], column)
+        hi = column.get("null_label", "—") if ci[1] is None else fmt(ci[1], column)
+        parts.append(f"95% CI [{lo}, {hi}]")
+    n = meta.get("n")
+    if isinstance(n, dict):
+        parts.append("n = " + ", ".join(f"{v} {k}" for k, v in n.items()))
+    elif isinstance(n, int):
+        parts.append(f"n = {n}")
+    if isinstance(meta.get("resampled"), str):
+        parts.append(f"resampled: {meta['resampled']}")
     return " · ".join(parts)
 
 
 def _rank_key(row: dict, schema: dict) -> tuple:
-    """Default order: concept, forget before retain, reference rows first, then ``rank_by``
-    in its better direction (missing values last), then method name for ties."""
+    """Default order: concept, forget before retain, reference rows first, then the primary probe's
+    verdict (schema order), then ``rank_by`` in its better direction, then method name for ties."""
     refs = schema["references"]["order"]
     ref = refs.index(row["reference"]) if row["reference"] in refs else len(refs)
-    col = next(c for c in schema["columns"] if c["key"] == schema["rank_by"])
-    v = row["values"].get(col["key"])
+    order = schema["verdict"]["order"]
+    vkey = next(iter(row["verdicts"].values()), {}).get("key") if row["verdicts"] else "undefined"
+    rank = order.index(vkey) if vkey in order else len(order)
+    key = schema["rank_by"]
+    v = row["values"].get(key)
+    col = next((c for c in schema["columns"] if c["key"] == key.split(":")[0]), {})
     sign = -1.0 if better(col, row["class"]) == "higher" else 1.0
-    return (row["concept"], CLASSES.index(row["class"]), ref, v is None,
-            sign * v if v is not None else 0.0, row["display"], row["variant"] or "", row["record"])
+    return (row["concept"], CLASSES.index(row["class"]), ref, rank, v is None, sign * v if _is_number(v) else 0.0,
+            row["display"], row["variant"] or "", row["record"])
 
 
 def arrows(column: dict) -> str:
-    """The column header's direction mark: ``↑``, ``↓`` or per class (``F↓ R↑``)."""
+    """The column header's direction mark: ``↑``, ``↓`` or per class (``F↓ R↑``); none if not ranked."""
+    if column.get("ranked") is False:
+        return ""
     sym = {"higher": "↑", "lower": "↓"}
     b = column.get("better", "none")
     if isinstance(b, dict):
@@ -221,6 +354,8 @@ def arrows(column: dict) -> str:
 
 def direction_text(column: dict) -> str:
     """The direction in words, for the definitions ("forget: lower is better; …")."""
+    if column.get("ranked") is False:
+        return "not ranked"
     words = {"higher": "higher is better", "lower": "lower is better"}
     b = column.get("better", "none")
     if isinstance(b, dict):
@@ -237,3 +372,42 @@ def setting_text(v: Any) -> str:
     if v is None or isinstance(v, bool):
         return {None: "none", True: "true", False: "false"}[v]
     return str(v)
+
+
+def verdict_matrix(ranking: Ranking) -> dict[str, list[dict]]:
+    """Per concept, one entry per group: its verdict under each probe and the probes that expose it."""
+    out: dict[str, list[dict]] = defaultdict(list)
+    for g in ranking.groups:
+        vs = ranking.verdicts[g.id]
+        first = g.records[0].data
+        out[g.concept].append({"group": g.id, "display": method_display(first), "method": g.method, "reference": g.reference,
+                               "variant": first["method"].get("variant") if _show_variant(first) else None,
+                               "seeds": g.seeds, "verdicts": {p: vs[p] for p in ranking.probes}, "retain": vs["retain"],
+                               "exposed_by": [p for p in ranking.probes if vs[p]["key"] == "concealed"]})
+    refs = ("original", "gold")
+    for rows in out.values():
+        rows.sort(key=lambda e: (refs.index(e["reference"]) if e["reference"] in refs else 2, e["display"], e["variant"] or ""))
+    return dict(sorted(out.items()))
+
+
+SUMMARY_KEYS = ("removed", "concealed", "destroyed", "not_erased", "inconclusive", "no_gold")
+
+
+def method_summary(ranking: Ranking) -> dict[str, list[dict]]:
+    """Per probe, per method (and reference row): how often, across concepts, it is each verdict."""
+    out: dict[str, list[dict]] = {}
+    for probe in ranking.probes:
+        by: dict[tuple, dict] = {}
+        for g in ranking.groups:
+            first = g.records[0].data
+            key = (g.reference or "", method_display(first), first["method"].get("variant") if _show_variant(first) else "")
+            e = by.setdefault(key, {"display": key[1], "variant": key[2] or None, "reference": g.reference,
+                                    "counts": dict.fromkeys(SUMMARY_KEYS, 0), "other": 0, "concepts": 0})
+            v = ranking.verdicts[g.id][probe]["key"]
+            e["concepts"] += 1
+            if v in e["counts"]:
+                e["counts"][v] += 1
+            else:
+                e["other"] += 1
+        out[probe] = [by[k] for k in sorted(by, key=lambda k: (k[0] == "", k[0], k[1], k[2]))]
+    return out

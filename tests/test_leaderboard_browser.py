@@ -21,7 +21,7 @@ import pytest
 
 from leaderboard.__main__ import find_browser
 from leaderboard.build import build
-from leaderboard.samples import bad_records, good_records, write_samples
+from leaderboard.samples import bad_records, write_samples
 
 try:
     import websocket  # websocket-client
@@ -149,6 +149,9 @@ def page(tmp_path):
 
 ROW_IDS = "Array.from(document.querySelectorAll('table[data-ranking=ranking-1] tbody tr')).map(tr => tr.dataset.row)"
 VISIBLE = "Array.from(document.querySelectorAll('table.board tbody tr')).filter(tr => !tr.hidden && tr.offsetParent !== null).map(tr => tr.dataset.row)"
+# row id → "<first job key>-<class>", the way the tests name rows
+BY_ID = ("(() => { const m = {}; window.LEADERBOARD.rankings.forEach(rk => rk.rows.forEach(r => m[r.id] = r.records[0] + '-' + r.class));"
+         " return m; })()")
 
 
 def _select(name: str, value: str) -> str:
@@ -164,74 +167,89 @@ def test_page_in_headless_chromium(tmp_path, page):
     page.call("Page.navigate", url=(site / "index.html").as_uri())
     page.wait_event("Page.loadEventFired")
     assert page.js("typeof window.LEADERBOARD") == "object"
+    name = page.js(BY_ID)
 
-    # Every valid record appears, as a forget row and a retain row; the bad ones do not.
-    valid = [r["job_key"] for r in good_records()] + ["k-paper"]
+    # Every valid configuration appears once (its seeds combined), as a forget and a retain row; the bad ones do not.
+    firsts = {"k-noop-star", "k-gold-star", "k-esd-star-0", "k-uce-star", "k-fmn-star", "k-noise-star", "k-close-star",
+              "k-noop-stripes", "k-esd-stripes", "k-paper"}
     rows = page.js("Array.from(document.querySelectorAll('table.board tbody tr')).map(tr => tr.dataset.row)")
-    assert sorted(rows) == sorted(f"{k}-{c}" for k in valid for c in ("forget", "retain"))
-    for name in bad_records():
-        if name != "other_protocol":
-            assert page.js(f"document.body.textContent.includes({json.dumps(name)})")  # in the build report
+    assert sorted(name[r] for r in rows) == sorted(f"{k}-{c}" for k in firsts for c in ("forget", "retain"))
+    for bad in bad_records():
+        if bad != "other_protocol":
+            assert page.js(f"document.body.textContent.includes({json.dumps(bad)})")  # in the build report
     assert page.js("document.querySelectorAll('section.ranking').length") == 2
-    assert page.js("document.querySelectorAll('tr.ref').length") == 6
+    assert page.js("document.querySelectorAll('table.board tr.ref').length") == 6
+    # Verdicts with their probabilities; the reference rows judged like every method.
+    assert page.js("document.querySelector('table.board tr.ref span.verdict').textContent") == "not erased"
+    assert page.js("document.querySelectorAll('table.board span.v-removed').length") >= 1
+    assert page.js("document.querySelectorAll('table.board span.prob').length") >= 10
+    assert page.js("document.querySelectorAll('table.matrix tbody tr').length") == 10
     screenshot = tmp_path / "leaderboard.png"
     page.screenshot(screenshot, full_page=True)
 
     # Sorting by CCS reorders the rows: reference rows stay on top, the rest ascend, then descend.
     before = page.js(ROW_IDS)
-    ccs = "(id => window.LEADERBOARD.rankings[0].rows.find(r => r.id === id))"
+    row = "(id => window.LEADERBOARD.rankings[0].rows.find(r => r.id === id))"
     page.js("document.querySelector('table[data-ranking=ranking-1] th[data-key=ccs] button').click()")
     after = page.js(ROW_IDS)
     assert after != before and sorted(after) == sorted(before)
     assert page.js("document.querySelector('table[data-ranking=ranking-1] th[data-key=ccs]').getAttribute('aria-sort')") == "ascending"
-    values = page.js(f"{ROW_IDS}.map(id => [{ccs}(id).reference, {ccs}(id).values.ccs])")
+    values = page.js(f"{ROW_IDS}.map(id => [{row}(id).reference, {row}(id).values.ccs])")
     refs = [v for r, v in values if r]
     others = [v for r, v in values if not r]
     assert [r for r, _ in values][: len(refs)] == [r for r, _ in values if r]  # references first
     assert others == sorted(others)
     page.js("document.querySelector('table[data-ranking=ranking-1] th[data-key=ccs] button').click()")
-    values = page.js(f"{ROW_IDS}.map(id => [{ccs}(id).reference, {ccs}(id).values.ccs])")
+    values = page.js(f"{ROW_IDS}.map(id => [{row}(id).reference, {row}(id).values.ccs])")
     assert [v for r, v in values if not r] == sorted(others, reverse=True)
+    # Sorting by a probe's verdict follows the schema's verdict order.
+    page.js("document.querySelector('table[data-ranking=ranking-1] th[data-key=\"verdict:partial_diffusion\"] button').click()")
+    order = page.js("window.LEADERBOARD.verdict_order")
+    keys = page.js(f"{ROW_IDS}.map(id => {row}(id)).filter(r => !r.reference && r.class === 'forget').map(r => r.verdicts.partial_diffusion.key)")
+    assert [order.index(k) for k in keys] == sorted(order.index(k) for k in keys)
 
     # Filters hide rows: concept, class, and method (which keeps the reference rows).
     everything = page.js(VISIBLE)
     page.js(_select("concept", "stripes"))
-    assert sorted(page.js(VISIBLE)) == sorted(f"{k}-{c}" for k in ("k-noop-stripes", "k-esd-stripes")
-                                              for c in ("forget", "retain"))
+    assert sorted(name[r] for r in page.js(VISIBLE)) == sorted(f"{k}-{c}" for k in ("k-noop-stripes", "k-esd-stripes")
+                                                               for c in ("forget", "retain"))
     assert page.js("document.getElementById('ranking-2').hidden") is True
     page.js(_select("class", "forget"))
-    assert sorted(page.js(VISIBLE)) == ["k-esd-stripes-forget", "k-noop-stripes-forget"]
+    assert sorted(name[r] for r in page.js(VISIBLE)) == ["k-esd-stripes-forget", "k-noop-stripes-forget"]
     page.js("document.getElementById('filter-reset').click()")
     page.js("new Promise(r => setTimeout(r, 50))")
     assert sorted(page.js(VISIBLE)) == sorted(everything)
     page.js(_select("method", "uce"))
-    shown = page.js(VISIBLE)
-    assert "k-uce-star-forget" in shown and "k-esd-star-forget" not in shown
+    shown = [name[r] for r in page.js(VISIBLE)]
+    assert "k-uce-star-forget" in shown and "k-esd-star-0-forget" not in shown
     assert "k-noop-star-forget" in shown and "k-gold-star-retain" in shown
     assert "shown" in page.js("document.getElementById('shown').textContent")
     page.js(_select("method", ""))
 
-    # A detail view opens, with the ψ-curve plot and the image grids loaded from the site folder.
-    page.js("document.querySelector('button.detail-open[data-detail=detail-k-esd-star]').click()")
-    assert page.js("document.getElementById('detail-k-esd-star').open") is True
-    assert page.js("document.querySelectorAll('#detail-k-esd-star svg.curve polyline').length") >= 3
-    loaded = page.js("""new Promise(resolve => {
-        const imgs = Array.from(document.querySelectorAll('#detail-k-esd-star img'));
+    # A detail view opens, with the probe's curve plot and the image grids loaded from the site folder.
+    esd = next(r for r in rows if name[r] == "k-esd-star-0-forget").rsplit("-", 1)[0]
+    page.js(f"document.querySelector('button.detail-open[data-detail=detail-{esd}]').click()")
+    assert page.js(f"document.getElementById('detail-{esd}').open") is True
+    assert page.js(f"document.querySelectorAll('#detail-{esd} svg.curve polyline').length") >= 3
+    assert page.js(f"document.querySelectorAll('#detail-{esd} table.seeds-table tbody tr').length") == 3  # one per seed
+    loaded = page.js(f"""new Promise(resolve => {{
+        const imgs = Array.from(document.querySelectorAll('#detail-{esd} img'));
         const t0 = Date.now();
-        (function poll() {
+        (function poll() {{
             if (imgs.every(i => i.complete && i.naturalWidth > 0) || Date.now() - t0 > 5000)
                 resolve(imgs.map(i => i.naturalWidth));
             else setTimeout(poll, 50);
-        })();
-    })""")
+        }})();
+    }})""")
     assert len(loaded) == 4 and all(w > 0 for w in loaded)
     page.screenshot(tmp_path / "leaderboard-detail.png")
-    page.js("document.querySelector('#detail-k-esd-star button.close').click()")
-    assert page.js("document.getElementById('detail-k-esd-star').open") is False
+    page.js(f"document.querySelector('#detail-{esd} button.close').click()")
+    assert page.js(f"document.getElementById('detail-{esd}').open") is False
 
     # Record strings are text: the <script>/<img onerror> prompts and params render literally.
-    page.js("document.querySelector('button.detail-open[data-detail=detail-k-fmn-star]').click()")
-    text = page.js("document.getElementById('detail-k-fmn-star').textContent")
+    fmn = next(r for r in rows if name[r] == "k-fmn-star-forget").rsplit("-", 1)[0]
+    page.js(f"document.querySelector('button.detail-open[data-detail=detail-{fmn}]').click()")
+    text = page.js(f"document.getElementById('detail-{fmn}').textContent")
     assert "<script>window.__xss = 1</script> a star" in text
     assert '<img src="x" onerror="window.__xss = 2"> star' in text
     assert "<script>window.__xss = 3</script>" in text
