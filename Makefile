@@ -18,12 +18,13 @@ SEEDS ?= 3
 LAUNCHER ?=
 SWEEP_DIR ?= multirun/sweep-$(METHOD)-$(CONCEPT)
 SEARCH_DIR ?= multirun/search-$(METHOD)-$(CONCEPT)
+REPLICATE_DIR ?= multirun/replicate-$(METHOD)-$(CONCEPT)
 
 .DEFAULT_GOAL := help
 .PHONY: help install world world-check throughput bench perf gpu-smoke sweep search replicate leaderboard publish leaderboard-png test test-slow lint clean
 
 help: ## Show this help
-	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z_-]+:.*## /{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z_-]+:.*## /{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 install: ## Create .venv and install the project with its dev extras (torch 2.14.1 + torchvision 0.29.1 pinned)
 	python3 -m venv $(VENV)
@@ -58,6 +59,12 @@ search: ## Optuna search (needs the optuna extra): make search METHOD=esd_x|uce 
 	$(PY) -m bench -m +search=$(METHOD) concept=$(CONCEPT) eval=$(EVAL) model=$(MODEL) hydra.sweep.dir=$(SEARCH_DIR) \
 		$(if $(TRIALS),hydra.sweeper.n_trials=$(TRIALS)) $(ARGS)
 	$(PY) -m bench.sweep_report $(SEARCH_DIR)
+
+replicate: ## The same job under several seeds + stability report: make replicate METHOD=esd CONCEPT=star [SEEDS=3]
+	@$(PY) -m bench.replicate seeds "$(SEEDS)" > /dev/null
+	$(PY) -m bench -m method=$(METHOD) concept=$(CONCEPT) eval=$(EVAL) model=$(MODEL) seed=$$($(PY) -m bench.replicate seeds "$(SEEDS)") \
+		hydra.sweep.dir=$(REPLICATE_DIR) $(ARGS)
+	$(PY) -m bench.replicate report $(REPLICATE_DIR)
 
 leaderboard: ## Preview the leaderboard with your runs beside the published ones: runs/leaderboard/site/index.html (changes no tracked file)
 	$(PY) -m leaderboard build $(ARGS)
