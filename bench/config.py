@@ -106,12 +106,20 @@ def check_slug(value: Any, key: str) -> None:
 
 
 def check_writable(path: str, key: str = "out_dir") -> None:
+    """The folder can really be created and written: a probe folder is made (and removed) in its
+    nearest existing ancestor — ``os.access`` alone says yes to read-only mounts such as /sys."""
+    import tempfile
+
     p = Path(path)
     probe = p
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK):
         raise ConfigError(f"`{key}` must be a writable directory, got {path!r}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".concealbench-probe-", dir=probe))
+    except OSError as e:
+        raise ConfigError(f"`{key}` must be a writable directory, got {path!r} ({probe} refuses new folders: {e.strerror or e})") from e
 
 
 def check_probes(cfg: DictConfig, concept: Any) -> list:

@@ -12,9 +12,11 @@ is loaded, so a misspelled key or an out-of-range value gets one clear message.
 from __future__ import annotations
 
 import inspect
+import json
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -54,13 +56,54 @@ class SafetensorsFile:
     """
 
     def check(self, v: Any) -> bool:
-        from safetensors import safe_open
+        return isinstance(v, (str, Path)) and self.problem(v) is None
 
+    @staticmethod
+    def problem(v: Any) -> str | None:
+        """What is wrong with the file, in words (None: a readable safetensors file with a tensor).
+
+        Reads the format's own framing — an 8-byte little-endian header length, a JSON header, each
+        tensor's ``data_offsets`` into the data that follows — so a random-bytes file, a truncated
+        download or a header without tensors is named as such, with the byte where it breaks."""
+        p = Path(v)
+        if not p.exists():
+            return "no such file"
+        if not p.is_file():
+            return "not a file"
+        size = p.stat().st_size
+        if size < 8:
+            return f"not a safetensors file: {size} bytes, shorter than the format's 8-byte header length"
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > size - 8:
+                return (f"not a safetensors file, or truncated inside its header: the first 8 bytes announce a {n:,}-byte "
+                        f"header, but only {size - 8:,} bytes follow")
+            raw = f.read(n)
         try:
-            with safe_open(str(v), framework="pt") as f:
-                return len(list(f.keys())) > 0
-        except Exception:  # noqa: BLE001 — missing, unreadable, truncated or not safetensors at all
-            return False
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return f"not a safetensors file: its {n:,}-byte header is not JSON ({e})"
+        if not isinstance(header, dict):
+            return "not a safetensors file: its header is not a JSON object"
+        tensors = {k: t for k, t in header.items() if k != "__metadata__"}
+        if not tensors:
+            return "a safetensors file without any tensor"
+        data = size - 8 - n
+        for name, t in tensors.items():
+            off = t.get("data_offsets") if isinstance(t, dict) else None
+            if not (isinstance(off, list) and len(off) == 2 and all(isinstance(x, int) for x in off) and 0 <= off[0] <= off[1]):
+                return f"not a valid safetensors file: tensor {name!r} has no valid data_offsets"
+            if off[1] > data:
+                return (f"truncated: tensor {name!r} needs bytes {8 + n + off[0]:,}–{8 + n + off[1]:,}, "
+                        f"but the file ends at byte {size:,}")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="pt") as f:
+                list(f.keys())
+        except Exception as e:  # noqa: BLE001 — a framing we did not anticipate: say what the reader says
+            return f"not a readable safetensors file: {e}"
+        return None
 
     @staticmethod
     def fingerprint(v: Any) -> str:
@@ -140,6 +183,15 @@ def _check(hint, value) -> bool:
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
+def _file_problem(hint, value) -> str | None:
+    """For a ``SafetensorsFile`` hyperparameter given a path: what is wrong with that file."""
+    if typing.get_origin(hint) is typing.Annotated and isinstance(value, str):
+        for m in typing.get_args(hint)[1:]:
+            if isinstance(m, SafetensorsFile):
+                return m.problem(value)
+    return None
+
+
 def check_params(fn: Callable, params: dict[str, Any], prefix: str = "method.params") -> dict[str, Any]:
     """Validate ``params`` against ``fn``'s declared hyperparameters; return them with defaults.
 
@@ -158,6 +210,9 @@ def check_params(fn: Callable, params: dict[str, Any], prefix: str = "method.par
             raise ConfigError(f"`{prefix}.{name}` is required")
         hint = hints.get(name, typing.Any)
         if not _check(hint, value):
+            problem = _file_problem(hint, value)
+            if problem:
+                raise ConfigError(f"`{prefix}.{name}` = {value!r}: {problem}")
             raise ConfigError(f"`{prefix}.{name}` must be {_describe(hint)}, got {value!r}")
         resolved[name] = value
     return resolved

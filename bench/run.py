@@ -330,17 +330,10 @@ class Job:
 
     # ------------------------------------------------------------------ gold standard
     def gold(self, probe_name: str, probe_hash: str) -> dict | None:
-        """The gold standard's record for this concept, probe protocol and seed: a local run under
-        ``out_dir`` first, else the published one shipped in ``leaderboard/results/``."""
+        """The gold standard's record for this concept, probe protocol and seed (``find_gold``)."""
         if self.cfg.method.get("reference") == "gold":
             return None
-        for root in (Path(self.cfg.out_dir), PUBLISHED):
-            for rec_path in sorted((root / self.cfg.model.name / self.concept.name / "retrain").glob("*/record.json")):
-                rec = read_record(rec_path)
-                if (rec and rec.get("status") == "ok" and rec.get("schema_version") == SCHEMA_VERSION and rec.get("seed") == self.seed
-                        and (rec.get("probes") or {}).get(probe_name, {}).get("protocol", {}).get("hash") == probe_hash):
-                    return {"record": rec, "path": str(rec_path), "published": root == PUBLISHED}
-        return None
+        return find_gold(Path(self.cfg.out_dir), self.cfg.model.name, self.concept.name, self.seed, probe_name, probe_hash)
 
     # ------------------------------------------------------------------ figures
     def figures(self, rows: list[dict], refs: dict[int, dict], blocks: dict[str, dict], golds: dict[str, dict | None]) -> dict[str, str]:
@@ -364,6 +357,19 @@ class Job:
                        f"{probe.display or probe.name} on {rows[first]['prompt']!r}: θ* images along the axis")
             artifacts[f"curve_{probe.name}"], artifacts[f"grid_{probe.name}"] = curve_file, grid_file
         return artifacts
+
+
+def find_gold(out_dir: Path, model: str, concept: str, seed: int, probe: str, probe_hash: str) -> dict | None:
+    """The gold standard's record for a concept, probe protocol and seed: a local run under
+    ``out_dir`` first, else the published one shipped in ``leaderboard/results/`` (so a first run
+    has its gold comparison without running ``method=retrain``)."""
+    for root in (Path(out_dir), PUBLISHED):
+        for rec_path in sorted((root / model / concept / "retrain").glob("*/record.json")):
+            rec = read_record(rec_path)
+            if (rec and rec.get("status") == "ok" and rec.get("schema_version") == SCHEMA_VERSION and rec.get("seed") == seed
+                    and (rec.get("probes") or {}).get(probe, {}).get("protocol", {}).get("hash") == probe_hash):
+                return {"record": rec, "path": str(rec_path), "published": root == PUBLISHED}
+    return None
 
 
 # ---------------------------------------------------------------------------- job → record
@@ -530,13 +536,15 @@ def execute(cfg: DictConfig) -> int:
         "model": {"name": cfg.model.name, "id": cfg.model.id, "revision": cfg.model.get("revision"), "hash": job.model_hash,
                   "world": cfg.model.world, "pipeline": job.pipeline_info},
         "concept": job.concept.to_dict(),
-        "method": {"name": cfg.method.name, "display": cfg.method.get("display"), "variant": cfg.method.get("variant"),
+        "method": {"name": cfg.method.name, "display": cfg.method.get("display"), "variant": job.params.get("variant"),
                    "params": job.params, "reference": cfg.method.get("reference")},
         "protocol": job.protocol, "seed": job.seed, "config": config, "env": environment(),
     }
     outcome = "failed"
     try:
         record = {**base, **_run_stages(job, t0), "wandb": tracker.url}
+        # What ran, in the method's own words (ESD's parameter set, UCE's key rule, FMN's trained part, …).
+        record["method"]["variant"] = record["unlearn"].get("variant") or job.params.get("variant")
         write_json(rec_path, record)
         _hydra_pointer(rec_path, "ok")
         tracker.log_record(record, job.dir)

@@ -1,4 +1,5 @@
 """Config composition and validation: one clear message naming key and value, before any load."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from bench.hparams import ConfigError, Range, check_params
 from bench.run import execute
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
+WORLD = Path(__file__).resolve().parents[1] / "bench" / "world" / "assets" / "shapes"
 
 
 def cfg_with(*overrides):
@@ -67,8 +69,46 @@ def test_annotated_hyperparameters_are_checked():
         check_params(unlearn, {"lrr": 1})
 
 
-def test_unknown_group_option_fails_before_loading(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "bench", "method=nope", "logger=none", f"out_dir={tmp_path}"],
+@pytest.mark.parametrize(("args", "message"), [
+    (["method=nope"], "error: `method` = 'nope' is not one of the options in conf/method/: ca_model, ca_noise,"),
+    (["method=esd", "method.params.lrr=1"], "error: `method.params.lrr` is not a hyperparameter of methods.esd; allowed: batch_size,"),
+    (["eval.nn=3"], "error: `eval.nn` is not a key of the config (a typo? to add a new key use +eval.nn=…)"),
+    (["eval.n=[1,"], "error: cannot parse the override 'eval.n=[1,'"),
+    (["probes=[partial_diffusion,nope]"], "error: `probes` = 'nope' is not one of the options in conf/probes/: partial_diffusion"),
+])
+def test_bad_command_line_override_is_one_line_and_exit_2(tmp_path, args, message):
+    """The README promises one message and exit 2 for an unknown option or a misspelled key: Hydra's own report exits 1."""
+    r = subprocess.run([sys.executable, "-m", "bench", *args, "logger=none", f"out_dir={tmp_path}/runs"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
-    assert "method/nope" in r.stderr and "Available options" in r.stderr
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith(message), r.stderr
+    assert not (tmp_path / "runs").exists() and not Path("outputs").exists()
+
+
+@pytest.mark.parametrize("key", ["concept.name", "method.name", "model.name"])
+@pytest.mark.parametrize("value", ["../../../escaped", "a/b", "/tmp/abs", "''", ".hidden", "a..b"])
+def test_names_that_become_folders_must_be_safe_slugs(tmp_path, capsys, key, value):
+    cfg = cfg_with(f"out_dir={tmp_path}/runs", f"cache_dir={tmp_path}/cache", f"{key}={value}")
+    assert execute(cfg) == 2
+    err = capsys.readouterr().err
+    assert f"error: `{key}` must be a name of 1-64 letters, digits and _ . + - (it becomes a folder name" in err, err
+    assert err.count("error:") == 1 and not (tmp_path / "runs").exists()
+    assert not list(tmp_path.parent.rglob("escaped"))
+
+
+def test_out_dir_that_cannot_be_created_is_caught(tmp_path, capsys):
+    # /sys passes os.access as root but refuses new folders
+    cfg = cfg_with("out_dir=/sys/concealbench-test", f"cache_dir={tmp_path}/cache")
+    assert execute(cfg) == 2
+    err = capsys.readouterr().err
+    assert "error: `out_dir` must be a writable directory, got '/sys/concealbench-test'" in err and "Traceback" not in err
+
+
+def test_model_path_with_only_model_index_names_the_missing_folders(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    shutil.copy(WORLD / "model_index.json", tmp_path / "m" / "model_index.json")
+    cfg = cfg_with(f"out_dir={tmp_path}/runs", f"cache_dir={tmp_path}/cache", f"model.path={tmp_path}/m")
+    assert execute(cfg) == 2
+    err = capsys.readouterr().err
+    assert f"error: `model.path` = '{tmp_path}/m' names a pipeline but lacks its scheduler, text_encoder, tokenizer, unet, vae, detector folders" in err
+    assert not (tmp_path / "runs").exists()

@@ -36,21 +36,28 @@ def test_missing_path_is_required(tmp_path, capsys):
     assert "`method.params.path` is required" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("content", [b"", b"\x00" * 7, b"not safetensors at all, just text\n" * 4])
-def test_corrupt_file_is_refused_before_loading(tmp_path, capsys, content):
+@pytest.mark.parametrize(("content", "why"), [
+    (b"", "not a safetensors file: 0 bytes, shorter than the format's 8-byte header length"),
+    (b"\x00" * 7, "not a safetensors file: 7 bytes, shorter than the format's 8-byte header length"),
+    (b"not safetensors at all, just text\n" * 4, "not a safetensors file, or truncated inside its header: the first 8 bytes announce a"),
+    (b"\x04\x00\x00\x00\x00\x00\x00\x00{no}", "not a safetensors file: its 4-byte header is not JSON"),
+    (b"\x02\x00\x00\x00\x00\x00\x00\x00{}", "a safetensors file without any tensor"),
+])
+def test_corrupt_file_is_refused_before_loading_saying_why(tmp_path, capsys, content, why):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(content)
-    assert_bad_input(tmp_path, capsys, bad, f"`method.params.path` must be str and the path of an existing, readable "
-                                            f".safetensors file with at least one tensor, got '{bad}'")
+    assert_bad_input(tmp_path, capsys, bad, f"`method.params.path` = '{bad}': {why}")
 
 
-def test_truncated_file_is_refused(tmp_path, capsys):
+def test_truncated_file_is_refused_naming_the_tensor_and_byte(tmp_path, capsys):
     good = tmp_path / "good.safetensors"
     save_file({"w": torch.zeros(64, 64)}, str(good))
     cut = tmp_path / "cut.safetensors"
-    cut.write_bytes(good.read_bytes()[:-100])
-    assert_bad_input(tmp_path, capsys, cut, f"got '{cut}'")
-    assert_bad_input(tmp_path, capsys, tmp_path / "absent.safetensors", "got '")
+    data = good.read_bytes()
+    cut.write_bytes(data[:-100])
+    assert_bad_input(tmp_path, capsys, cut, f"`method.params.path` = '{cut}': truncated: tensor 'w' needs bytes "
+                                            f"{len(data) - 64 * 64 * 4:,}–{len(data):,}, but the file ends at byte {len(data) - 100:,}")
+    assert_bad_input(tmp_path, capsys, tmp_path / "absent.safetensors", "absent.safetensors': no such file")
 
 
 @needs_world
@@ -60,6 +67,7 @@ def test_foreign_file_is_refused_with_the_offending_tensor(tmp_path, capsys):
     assert_bad_input(tmp_path, capsys, foreign, "is foreign to this UNet: 1 of 1 tensors have no counterpart, "
                                                 "first 'model.diffusion_model.input_blocks.0.0.weight' (CompVis names")
     assert not list((tmp_path / "runs").rglob("*/weights/*"))  # no empty job directory left behind
+    assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_dir() and p.name != "wandb" and not any(p.iterdir())]
 
 
 def test_wrong_shape_and_wrong_base_are_refused(tmp_path):
