@@ -123,12 +123,30 @@ def check_writable(path: str, key: str = "out_dir") -> None:
 
 
 def check_probes(cfg: DictConfig, concept: Any) -> list:
-    from bench.probes import build_probes
+    from bench.probes import Probe, build_probes
 
     probes = build_probes(cfg.get("probes"))
     for probe in probes:
         probe.check_world(concept, cfg.model.get("world"))
+    tokenizer = None
+    for probe in probes:
+        if type(probe).check_tokenizer is not Probe.check_tokenizer:
+            tokenizer = tokenizer or _local_tokenizer(cfg)
+            if tokenizer is not None:
+                probe.check_tokenizer(tokenizer, max(1, len(concept.targets)))
     return probes
+
+
+def _local_tokenizer(cfg: DictConfig):
+    """The model's tokenizer when it is on disk (the Shapes world, a local model.path); else None."""
+    from bench.pipeline import model_path
+
+    path = Path(model_path(cfg.model)) / "tokenizer"
+    if not path.is_dir():
+        return None
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(path))
 
 
 def validate(cfg: DictConfig) -> dict[str, Any]:
@@ -145,9 +163,14 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     resolved = check_params(fn, params)
     from bench.concepts import concept_from_cfg
 
-    concept = concept_from_cfg(cfg.concept)
+    concept_from_cfg(cfg.concept)
     check_eval(cfg)
-    probes = check_probes(cfg, concept)
+    from bench.pipeline import check_model_path
+
+    check_model_path(cfg.model)
+    from bench.worlds import build_concept
+
+    probes = check_probes(cfg, build_concept(cfg))  # with the world's renderer and gold model attached
     _number(cfg, "seed", lo=0, integer=True)
     _number(cfg, "threads", lo=1, integer=True, allow_none=True)
     check_writable(cfg.out_dir, "out_dir")

@@ -136,8 +136,8 @@ def _by_psi(values_by_psi: Mapping[float, np.ndarray], name: str, feature_dim: b
     if not values_by_psi:
         raise ValueError(f"`{name}` is empty: need at least one ψ")
     psis = sorted(float(p) for p in values_by_psi)
-    if any(not 0.0 <= p <= 1.0 for p in psis):
-        raise ValueError(f"`{name}`: every ψ must be in [0, 1], got {psis}")
+    if any(not math.isfinite(p) for p in psis):  # ψ, or any probe's axis (inversion steps, …)
+        raise ValueError(f"`{name}`: every axis value must be finite, got {psis}")
     arrs = []
     for p in sorted(values_by_psi, key=float):
         a = np.asarray(values_by_psi[p], dtype=np.float64)

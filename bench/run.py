@@ -274,8 +274,7 @@ class Job:
 
         ctx = ProbeContext(pipe=self.pipe, theta=self.theta, star=self.star, concept=self.concept, sampler=self.sampler,
                            cache=self.cache, counter=self.counter, device=self.device, seed=self.seed, amp=self.amp,
-                           detector=self.detector, world=self.cfg.model.world)
-        ctx.cache_key = self.cache_key()
+                           detector=self.detector, world=self.cfg.model.world, cache_key=self.cache_key())
         return ctx
 
     def stage_probe_prepare(self, probe, ctx) -> tuple[dict, dict]:

@@ -204,8 +204,12 @@ def aggregate(rows: Sequence[dict], cls: str, seed: int, xs: Sequence[float] | N
             if basis_key == "detection" and all("hits" in r["units"] for r in sel):
                 reps = M.two_level_replicates([(np.asarray(r["units"]["hits"], float),) for r in sel],
                                               _recover_statistic(xs), n_boot=n_boot, seed=rng_seed)
+                n_seeds = len(sel[0]["units"]["hits"])
                 rec.update(ci=_percentile_ci(reps, censored=True), replicates=_pack(reps), resampled=TWO_LEVEL,
-                           n={"prompts": len(sel), "seeds": len(sel[0]["units"]["hits"])})
+                           n={"prompts": len(sel), "seeds": n_seeds},
+                           # Records with the same design drew the same prompts and seeds in replicate b: a
+                           # method and its gold (same prompts, same attacked seeds) are compared pairwise.
+                           design=design_hash([r["prompt"] for r in sel], n_seeds, rng_seed, n_boot))
             elif cls == "retain":
                 per = [r["metrics"]["recover"]["value"] for r in sel if r["metrics"].get("recover", {}).get("value") is not None]
                 rec["value"] = float(np.mean(per)) if per else None  # the v1 retain value: mean of the prompts' points
@@ -214,6 +218,14 @@ def aggregate(rows: Sequence[dict], cls: str, seed: int, xs: Sequence[float] | N
 
 
 VERDICT_METRICS = ("erasure", "specificity", "retention")
+
+
+def design_hash(prompts: list[str], n_seeds: int, boot_seed: int, n_boot: int) -> str:
+    """What fixes the bootstrap's draws: the same hash means replicate b resampled the same prompts
+    and seed positions (``bench.verdict`` then pairs two records' replicates)."""
+    from bench.record import short_hash
+
+    return short_hash({"prompts": prompts, "seeds": n_seeds, "bootstrap_seed": boot_seed, "n_boot": n_boot, "scheme": "two-level/1"})
 
 
 def mean_curve(rows: Sequence[dict]) -> list[dict]:

@@ -131,3 +131,29 @@ def tiny_concept(**overrides):
         anchor_prompts=("a shape", "a red shape"),
     )
     return Concept(**{**fields, **overrides})
+
+
+def tiny_probe_context(pipe, star=None, concept=None, seed: int = 0, cache_dir=None, steps: int = 4):
+    """A ``ProbeContext`` over a tiny pipeline (θ = ``pipe.unet``, θ* = ``star``) for the probe tests:
+    a 4-step sampler, an NFE counter, a cache in ``cache_dir`` and a concept that renders random
+    16×16 "concept images" when the test gives none."""
+    import contextlib
+    import tempfile
+
+    import numpy as np
+
+    from bench.cache import Cache
+    from bench.probes import ProbeContext
+    from bench.sampling import NFECounter, SamplerConfig
+
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+    def render(n: int, s: int, target: int | None = None) -> np.ndarray:
+        return np.random.default_rng(s).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+    concept = concept or tiny_concept(render=render)
+    ctx = ProbeContext(pipe=pipe, theta=pipe.unet, star=star if star is not None else perturbed_unet(pipe.unet), concept=concept,
+                       sampler=SamplerConfig(steps=steps, guidance=7.5, batch_size=8), cache=Cache(cache_dir or tempfile.mkdtemp()),
+                       counter=NFECounter(), device=pipe.unet.device, seed=seed, amp=contextlib.nullcontext, world="sd",
+                       cache_key={"model": "tiny"})
+    return ctx

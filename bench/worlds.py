@@ -94,10 +94,11 @@ def shapes_renderer(concept_cfg: Any) -> Callable[[int, int], np.ndarray]:
     parts = list(detect) if isinstance(detect, (list, tuple)) or OmegaConf.is_list(detect) else [detect]
     specs = [(p["factor"], FACTORS[p["factor"]].index(p["value"])) for p in parts]
 
-    def _render(n: int, seed: int) -> np.ndarray:
+    def _render(n: int, seed: int, target: int | None = None) -> np.ndarray:
+        """``n`` images; ``target`` = index of one of the preset's values (several-concept presets)."""
         rng = np.random.default_rng(seed)
         facs = {f: rng.integers(0, len(v), n) for f, v in FACTORS.items()}
-        which = rng.integers(0, len(specs), n)
+        which = rng.integers(0, len(specs), n) if target is None else np.full(n, target)
         for j, (factor, value) in enumerate(specs):
             facs[factor][which == j] = value
         return render(facs["shape"], facs["colour"], facs["texture"], seed=seed + 1).images

@@ -34,8 +34,10 @@ def test_ccs_rejects_bad_input():
         M.ccs({0.1: np.array([0.2, 0.4]), 0.5: np.array([0.9])})
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         M.ccs({0.1: np.array([1.2])})
-    with pytest.raises(ValueError, match="ψ"):
-        M.ccs({1.5: np.array([0.5])})
+    # the axis is any probe's (ψ, inversion steps, …): a value outside [0, 1] is allowed, a non-finite one is not
+    assert M.ccs({0.0: np.array([0.5]), 25.0: np.array([0.5])}).value == 0.5
+    with pytest.raises(ValueError, match="axis value must be finite"):
+        M.ccs({float("nan"): np.array([0.5])})
 
 
 def test_crs_paper_hand_computed():

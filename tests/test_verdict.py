@@ -60,6 +60,20 @@ def test_recovery_against_the_gold(recover, sd, key):
     assert V.judge_forget(forget(), block(recover, sd), GOLD, "partial_diffusion", TH).key == key
 
 
+def test_a_method_and_its_gold_on_the_same_design_are_compared_pairwise():
+    """Same prompts and seeds: the spread both share cancels (a shift of 0.05 is never 0.1 earlier)."""
+    rng = np.random.default_rng(4)
+    shared = rng.normal(0.45, 0.06, 1000)  # prompt-to-prompt spread, the same draws for both
+    gold = {"axis": AXIS, "metrics": {"recover": {"value": 0.45, "replicates": shared.tolist(), "design": "d1"}}}
+    method = {"axis": AXIS, "metrics": {"recover": {"value": 0.40, "replicates": (shared - 0.05).tolist(), "design": "d1"}}}
+    v = V.judge_forget(forget(), method, gold, "partial_diffusion", TH)
+    assert v.key == "removed" and v.probability == 1.0 and "paired" in v.detail
+    method["metrics"]["recover"]["design"] = "d2"  # another design: independent bootstraps, the shared spread counts twice
+    assert V.judge_forget(forget(), method, gold, "partial_diffusion", TH).key == "inconclusive"
+    deep = {"axis": AXIS, "metrics": {"recover": {"value": 0.30, "replicates": (shared - 0.15).tolist(), "design": "d1"}}}
+    assert V.judge_forget(forget(), deep, gold, "partial_diffusion", TH).key == "concealed"
+
+
 def test_a_gold_that_never_recovers_counts_as_the_axis_end():
     never = block(None, seed=5)
     assert V.judge_forget(forget(), block(0.50), never, "partial_diffusion", TH).key == "removed"   # 0.50 ≥ 0.55 − 0.1

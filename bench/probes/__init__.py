@@ -87,6 +87,7 @@ class ProbeContext:
     detector: Any = None
     progress: bool = True
     world: str = "shapes"
+    cache_key: dict[str, Any] = field(default_factory=dict)  # what cached entries of this model are keyed by (its hash, precision)
 
     def seeds(self, offset: int, n: int) -> list[int]:
         from bench.run import job_seed_base
@@ -118,6 +119,10 @@ class Probe:
 
     def check_world(self, concept: Any, world: str) -> None:
         """Raise ``ConfigError`` when this world or concept cannot serve the probe (before loading)."""
+
+    def check_tokenizer(self, tokenizer: Any, n: int = 1) -> None:
+        """Raise ``ConfigError`` when a setting clashes with the model's tokenizer (checked before the
+        model loads wherever the tokenizer is local, else at the probe's first use)."""
 
     def describe(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -183,3 +188,16 @@ def check_dir(path: str | None, key: str) -> Path | None:
     if not p.is_dir():
         raise ConfigError(f"`{key}` must be an existing directory of images, got {path!r}")
     return p
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def load_image_folder(path: str | Path, k: int, size: int) -> np.ndarray:
+    """The first ``k`` images of a folder (sorted by name), RGB, resized to ``size``² — uint8 (k, size, size, 3)."""
+    from PIL import Image
+
+    files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:k]
+    if len(files) < k:
+        raise ConfigError(f"`concept.images_dir` = {str(path)!r} holds {len(files)} images ({', '.join(IMAGE_SUFFIXES)}); the probe needs {k}")
+    return np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC)) for f in files])

@@ -1,0 +1,146 @@
+"""The relearning probe: fine-tune θ* on a handful of concept images and watch the concept return.
+
+Papers: Liu & Zhang, "Erased or Dormant? Rethinking Concept Erasure Through Reversibility" (arXiv
+2505.16174; its Instance-Personalization Probe reinstates erased concepts through few-shot
+supervision); Suriyakumar et al., "Unstable Unlearning: The Hidden Risk of Concept Resurgence in
+Diffusion Models" (arXiv 2410.08074). No reference code for the personalization probe is public
+in the material this project can read; the recipe here is the standard few-shot fine-tune those
+papers describe — the ε-MSE on K images of the concept captioned with the concept word, the
+cross-attention only (``trainable: attn2``, lightweight adaptation) or the full UNet
+(``trainable: unet``).
+
+The recovery curve: θ* is fine-tuned for ``checkpoints[-1]`` steps, the trained tensors are kept at
+every checkpoint (0 = θ* itself), and at each the model generates every forget prompt as it is.
+The recovery point is the number of fine-tuning steps at which concept detection reaches 0.5. The
+gold standard runs the same probe on the same K images: how quickly a model that never knew the
+concept learns it is the control; θ recovers at step 0.
+
+Deliberate choices (the papers give no single recipe): AdamW (β 0.9/0.999, weight decay 1e-2),
+constant learning rate, fixed-size batches of the K images with replacement, no prior
+preservation, no text-encoder training; the Shapes world trains on renders with the grammar's
+one-clause captions, SD on θ's images (or ``concept.images_dir``) with the diffusers templates;
+images, timesteps and noise are seeded by the job seed.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from bench import progress
+from bench.hparams import ConfigError
+from bench.probes import Axis, Probe, ProbeContext, ProbeOutput
+from bench.probes import _fewshot as F
+
+SEED_OFFSET = 300_000
+TRAINABLE = ("attn2", "unet")
+
+
+class Relearning(Probe):
+    """``probes=[relearn]`` (conf/probes/relearn.yaml)."""
+
+    classes = ("forget",)
+    display = "relearning"
+    reference = "Liu & Zhang, arXiv 2505.16174; Suriyakumar et al., arXiv 2410.08074"
+
+    def __init__(self, checkpoints: list[int] = (0, 10, 25, 50, 100, 200), images: int = 8, batch_size: int = 8,
+                 lr: float = 1e-4, trainable: str = "attn2", seeds: int = 8):
+        steps = list(checkpoints) if checkpoints is not None else []
+        if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps) or steps != sorted(set(steps)):
+            raise ConfigError(f"`{self.key('checkpoints')}` must be a non-empty, increasing list of step counts >= 0, got {checkpoints!r}")
+        for k, v, lo in (("images", images, 1), ("batch_size", batch_size, 1), ("seeds", seeds, 2)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(f"`{self.key(k)}` must be an integer >= {lo}, got {v!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ConfigError(f"`{self.key('lr')}` must be a number > 0, got {lr!r}")
+        if trainable not in TRAINABLE:
+            raise ConfigError(f"`{self.key('trainable')}` must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
+        self.checkpoints, self.images, self.batch_size, self.lr = steps, images, batch_size, float(lr)
+        self.trainable, self.seeds = trainable, seeds
+
+    def check_world(self, concept: Any, world: str) -> None:
+        if concept.render is None and not concept.images_dir and world == "shapes":
+            raise ConfigError(f"`{self.key('images')}`: concept {concept.name!r} has no renderer (no `concept.detect` "
+                              "on a Shapes factor) and no `concept.images_dir`: the probe has no images to learn from")
+
+    def describe(self) -> dict[str, Any]:
+        return {"checkpoints": self.checkpoints, "images": self.images, "batch_size": self.batch_size, "lr": self.lr,
+                "trainable": self.trainable, "seeds": self.seeds}
+
+    def axis(self, ctx: ProbeContext) -> Axis:
+        return Axis("relearn_steps", f"fine-tuning steps ({self.trainable}) on {self.images} concept images",
+                    tuple(float(s) for s in self.checkpoints), "steps")
+
+    def _names(self, unet: Any) -> list[str]:
+        return [n for n, _ in unet.named_parameters() if self.trainable == "unet" or ".attn2." in n]
+
+    def prepare(self, ctx: ProbeContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + 29)
+        groups = F.concept_images(ctx, self.images, ctx.seed * 1000 + SEED_OFFSET)
+        lat = [F.encode(ctx.pipe, imgs) for imgs, _ in groups]
+        words = list(ctx.concept.targets or (ctx.concept.target,))
+        temps = F.templates(ctx.world, ctx.concept.kind)
+        sched = F.train_scheduler(ctx.pipe)
+        unet = copy.deepcopy(ctx.star)
+        unet.requires_grad_(False)
+        names = self._names(unet)
+        if not names:
+            raise ConfigError(f"`{self.key('trainable')}` = 'attn2' but the UNet has no `.attn2.` (cross-attention) parameters")
+        params = dict(unet.named_parameters())
+        trained = [params[n] for n in names]
+        for p in trained:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(trained, lr=self.lr, betas=(0.9, 0.999), weight_decay=1e-2)
+        te = ctx.pipe.text_encoder
+        te_flags = [p.requires_grad for p in te.parameters()]
+        te.requires_grad_(False)
+        saved, history, rows = {}, [], 0
+        last = self.checkpoints[-1]
+
+        def keep(step: int) -> None:
+            for n in names:
+                saved[f"{step}/{n}"] = params[n].detach().cpu().clone()
+
+        try:
+            unet.train()
+            with progress.bar(last, f"relearning ({self.trainable})", unit="step") as bar:
+                if 0 in self.checkpoints:
+                    keep(0)
+                for step in range(1, last + 1):
+                    j = int(torch.randint(len(groups), (1,), generator=g))
+                    idx = torch.randint(len(lat[j]), (self.batch_size,), generator=g)
+                    texts = [temps[int(torch.randint(len(temps), (1,), generator=g))].format(words[groups[j][1]]) for _ in idx]
+                    with torch.no_grad():
+                        cond = F.encode_text(ctx.pipe, texts)
+                    loss = F.denoising_loss(unet, sched, lat[j][idx], cond, g)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    rows += len(idx)
+                    history.append(float(loss.detach()))
+                    if step in self.checkpoints:
+                        keep(step)
+                    bar.update(1)
+        finally:
+            for p, f in zip(te.parameters(), te_flags, strict=True):
+                p.requires_grad_(f)
+        ctx.counter.add(rows * 2, "probe_train")  # one forward and one backward pass per row (NFE-equivalents)
+        meta = {"trained_tensors": len(names), "trained_elements": int(sum(p.numel() for p in trained)),
+                "loss": [round(x, 5) for x in history[:: max(1, len(history) // 100)]], "train_rows": rows, "words": words}
+        return saved, meta
+
+    def run(self, ctx: ProbeContext, prompt: str, cls: str, state: tuple[dict, dict]) -> ProbeOutput:
+        tensors, _ = state
+        work = copy.deepcopy(ctx.star).eval()
+        seeds = ctx.seeds(SEED_OFFSET, self.seeds)
+        images, before = {}, ctx.counter.total
+        for step in self.checkpoints:
+            prefix = f"{step}/"
+            work.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=False)
+            with torch.no_grad():
+                images[float(step)] = ctx.images(work, prompt, seeds)
+        return ProbeOutput(images=images, meta={"nfe": ctx.counter.total - before, "nfe_shared": 0})
+
+
+__all__ = ["Relearning"]

@@ -1,0 +1,176 @@
+"""The probes behind the seam, on tiny SD-shaped pipelines: each changes the images it is meant to
+change (and only those), step 0 is what it claims to be, and bad settings get one message."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from bench.hparams import ConfigError
+from bench.probes import build_probes
+from bench.probes.inversion import ConceptInversion, placeholders, substitute
+from bench.probes.relearn import Relearning
+from bench.run import execute
+from bench.testing import tiny_concept, tiny_probe_context, tiny_sd_pipeline
+from tests.conftest import needs_world
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def _probe(cls, name: str, **kw):
+    p = cls.__new__(cls)
+    p.name = name
+    p.__init__(**kw)
+    return p
+
+
+def test_placeholder_carrying_a_word_embedding_is_that_word_bit_for_bit():
+    """The injection hook is exact: the token carrying a word's embedding reads as that word."""
+    from bench.probes import _fewshot as F
+    from bench.sampling import generate
+
+    pipe = tiny_sd_pipeline()
+    ctx = tiny_probe_context(pipe)
+    inv = _probe(ConceptInversion, "inversion")
+    tokens = inv.tokens(ctx)
+    vec = inv._init_vectors(ctx)  # init=concept: the embedding of "star"
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()
+    circle = table[pipe.tokenizer("circle", add_special_tokens=False).input_ids].mean(0, keepdim=True)
+    with placeholders(pipe, tokens, vec):
+        as_star = F.encode_text(pipe, [f"a {tokens[0]}"])
+        lat_star = generate(pipe, ctx.star, f"a {tokens[0]}", [1, 2], ctx.sampler)
+    with placeholders(pipe, tokens, circle):
+        as_circle = F.encode_text(pipe, [f"a {tokens[0]}"])
+    assert torch.equal(as_star, F.encode_text(pipe, ["a star"])) and torch.equal(as_circle, F.encode_text(pipe, ["a circle"]))
+    assert torch.equal(lat_star, generate(pipe, ctx.star, "a star", [1, 2], ctx.sampler))
+    assert not torch.equal(as_star, as_circle)
+    # outside the context the text encoder is untouched
+    assert not pipe.text_encoder.get_input_embeddings()._forward_hooks
+
+
+def test_inversion_learns_only_its_vector_and_moves_the_images():
+    pipe = tiny_sd_pipeline()
+    ctx = tiny_probe_context(pipe)
+    before = {k: v.clone() for m in (ctx.star, pipe.text_encoder, pipe.vae) for k, v in m.state_dict().items()}
+    inv = _probe(ConceptInversion, "inversion", checkpoints=[0, 3, 6], images=2, batch_size=2, lr=0.05, seeds=2)
+    state = inv.prepare(ctx)
+    assert set(state[0]) == {"embeds/0", "embeds/3", "embeds/6"} and not torch.equal(state[0]["embeds/0"], state[0]["embeds/6"])
+    after = {k: v for m in (ctx.star, pipe.text_encoder, pipe.vae) for k, v in m.state_dict().items()}
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the models are frozen
+    out = inv.run(ctx, "a star", "forget", state)
+    assert list(out.images) == [0.0, 3.0, 6.0] and out.data["prompt"].startswith("a <concealbench-0")
+    assert np.array_equal(out.images[0.0], ctx.images(ctx.star, "a star", ctx.seeds(200_000, 2)))  # step 0 = the plain prompt
+    # the learned token moves what the UNet is conditioned on (the images themselves: the Shapes test below)
+    from bench.probes import _fewshot as F
+
+    enc = []
+    for step in (0, 6):
+        with placeholders(pipe, tokens := inv.tokens(ctx), state[0][f"embeds/{step}"]):
+            enc.append(F.encode_text(pipe, [f"a {tokens[0]}"]))
+    assert not torch.equal(enc[0], enc[1])
+
+
+def test_relearning_trains_a_copy_and_its_step_zero_is_the_unlearned_model():
+    pipe = tiny_sd_pipeline()
+    ctx = tiny_probe_context(pipe)
+    star0 = copy.deepcopy(ctx.star.state_dict())
+    rel = _probe(Relearning, "relearn", checkpoints=[0, 4], images=2, batch_size=2, lr=1e-2, seeds=2)
+    state = rel.prepare(ctx)
+    names = {k.split("/", 1)[1] for k in state[0]}
+    assert names and all(".attn2." in n for n in names)  # trainable: attn2 only
+    assert all(torch.equal(star0[k], v) for k, v in ctx.star.state_dict().items())  # θ* itself is untouched
+    out = rel.run(ctx, "a star", "forget", state)
+    assert np.array_equal(out.images[0.0], ctx.images(ctx.star, "a star", ctx.seeds(300_000, 2)))
+    work = copy.deepcopy(ctx.star)
+    work.load_state_dict({k.split("/", 1)[1]: v for k, v in state[0].items() if k.startswith("4/")}, strict=False)
+    assert any(not torch.equal(a, b) for a, b in zip(work.state_dict().values(), ctx.star.state_dict().values(), strict=True))
+    full = _probe(Relearning, "relearn", checkpoints=[0, 1], images=2, batch_size=2, trainable="unet", seeds=2)
+    assert any(".attn2." not in k for k in full.prepare(ctx)[0])
+
+
+def test_seed_moves_the_probe_seeds_and_images():
+    pipe = tiny_sd_pipeline()
+    a, b = tiny_probe_context(pipe, seed=0), tiny_probe_context(pipe, seed=1)
+    assert a.seeds(200_000, 2) != b.seeds(200_000, 2)
+    assert not np.array_equal(a.concept.render(2, 5), a.concept.render(2, 6))
+
+
+def test_substitution_maps_paraphrases_to_the_token():
+    c = tiny_concept(synonyms=("five-pointed star", "pentagram"))
+    assert substitute("a red five-pointed star on a dotted background", c, ["<t0>"], "sd") == "a red <t0> on a dotted background"
+    assert substitute("a Pentagram", c, ["<t0>"], "sd") == "a <t0>"
+    two = tiny_concept(name="star_heart", target="star, heart", synonyms=("pentagram", "valentine"))
+    assert substitute("a star and a valentine", two, ["<a>", "<b>"], "shapes") == "a <a> and a <b>"
+
+
+@pytest.mark.parametrize(("cls", "kw", "message"), [
+    (ConceptInversion, {"checkpoints": [0, -5]}, "`probes.inversion.checkpoints` must be a non-empty, increasing list of step counts >= 0"),
+    (ConceptInversion, {"checkpoints": []}, "`probes.inversion.checkpoints` must be a non-empty"),
+    (ConceptInversion, {"images": 0}, "`probes.inversion.images` must be an integer >= 1, got 0"),
+    (ConceptInversion, {"placeholder": ""}, "`probes.inversion.placeholder` must be a non-empty token"),
+    (ConceptInversion, {"lr": 0}, "`probes.inversion.lr` must be a number > 0, got 0"),
+    (Relearning, {"trainable": "vae"}, "`probes.relearn.trainable` must be one of attn2, unet, got 'vae'"),
+    (Relearning, {"seeds": 1}, "`probes.relearn.seeds` must be an integer >= 2, got 1"),
+])
+def test_bad_probe_settings_are_one_clear_message(cls, kw, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        _probe(cls, "inversion" if cls is ConceptInversion else "relearn", **kw)
+
+
+def test_a_placeholder_the_tokenizer_knows_is_refused():
+    pipe = tiny_sd_pipeline()
+    inv = _probe(ConceptInversion, "inversion", placeholder="star{i}")
+    inv.placeholder = "star"  # a word of the vocabulary
+    with pytest.raises(ConfigError, match="a token the tokenizer already knows"):
+        inv.check_tokenizer(pipe.tokenizer)
+
+
+def cfg_with(tmp_path, *overrides):
+    with initialize_config_dir(version_base=None, config_dir=CONF):
+        return compose(config_name="config", overrides=["logger=none", "eval=smoke", f"out_dir={tmp_path}/runs",
+                                                        f"cache_dir={tmp_path}/cache", *overrides])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["probes=[inversion]", "probes.inversion.placeholder=star"], "`probes.inversion.placeholder` must be a non-empty token without spaces containing {i}"),
+    (["probes=[relearn]", "concept.detect=null"], "`probes.relearn.images`: concept 'star' has no renderer"),
+    (["probes=[inversion]", "probes.inversion.checkpoints=[0,-1]"], "`probes.inversion.checkpoints` must be a non-empty, increasing list"),
+])
+def test_probe_config_errors_exit_2_before_loading(tmp_path, capsys, overrides, message):
+    cfg = cfg_with(tmp_path, "method=noop", "concept=star", *overrides)
+    assert execute(cfg) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("error:") == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_build_probes_refuses_a_probe_config_without_target():
+    with pytest.raises(ConfigError, match="`probes.inversion` is not a probe config"):
+        build_probes({"inversion": {"lr": 1}})
+
+
+@needs_world
+def test_inversion_and_relearning_on_the_shapes_world(tmp_path):
+    fast = ["probes=[inversion,relearn]", "probes.inversion.checkpoints=[0,5]", "probes.relearn.checkpoints=[0,5]",
+            "probes.inversion.seeds=2", "probes.relearn.seeds=2", "probes.inversion.images=2", "probes.relearn.images=2"]
+    assert execute(cfg_with(tmp_path, "method=uce", "concept=star", *fast)) == 0
+    path = next((tmp_path / "runs").rglob("record.json"))
+    rec = json.loads(path.read_text())
+    for name, axis in (("inversion", "inversion_steps"), ("relearn", "relearn_steps")):
+        block = rec["probes"][name]
+        assert block["axis"]["name"] == axis and block["axis"]["values"] == [0.0, 5.0]
+        assert "recover" in block["metrics"] and block["retain"] == {}  # forget prompts only
+        assert block["cost"]["prepare_seconds"] > 0 and block["cost"]["nfe"] > 0
+        assert (path.parent / "probes" / name / "state.safetensors").exists()
+        assert rec["artifacts"][f"curve_{name}"] == f"curve_{name}.png" and (path.parent / f"grid_{name}.png").exists()
+    assert rec["prompts"][0]["probes"]["inversion"]["data"]["prompt"] == "a <concealbench-0>"
+    from bench.cache import load_entry
+
+    for name in ("inversion", "relearn"):  # the probe changes the images it is meant to change
+        imgs = load_entry(path.parent / "probes" / name / "images-0.safetensors")[0]
+        assert not torch.equal(imgs["x0"], imgs["x1"]), name
