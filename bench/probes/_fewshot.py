@@ -30,6 +30,30 @@ TEMPLATES = {
 }
 
 
+def check_settings(probe: Any, checkpoints: Any, images: Any, batch_size: Any, lr: Any, seeds: Any) -> list[int]:
+    """The settings both few-shot probes share, each refused with one message naming its key."""
+    from bench.hparams import ConfigError
+
+    steps = list(checkpoints) if checkpoints is not None else []
+    if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps) or steps != sorted(set(steps)):
+        raise ConfigError(f"`{probe.key('checkpoints')}` must be a non-empty, increasing list of step counts >= 0, got {checkpoints!r}")
+    for k, v, lo in (("images", images, 1), ("batch_size", batch_size, 1), ("seeds", seeds, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ConfigError(f"`{probe.key(k)}` must be an integer >= {lo}, got {v!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ConfigError(f"`{probe.key('lr')}` must be a number > 0, got {lr!r}")
+    return steps
+
+
+def check_images_available(probe: Any, concept: Any, world: str) -> None:
+    """The world must be able to give the attacker concept images (before any model loads)."""
+    from bench.hparams import ConfigError
+
+    if concept.render is None and not concept.images_dir and world == "shapes":
+        raise ConfigError(f"`{probe.key('images')}`: concept {concept.name!r} has no renderer (no `concept.detect` "
+                          "on a Shapes factor) and no `concept.images_dir`: the probe has no images to learn from")
+
+
 def templates(world: str, kind: str) -> tuple[str, ...]:
     table = TEMPLATES["shapes" if world == "shapes" else "sd"]
     return table.get(kind) or table["object"]

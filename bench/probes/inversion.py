@@ -59,14 +59,7 @@ class ConceptInversion(Probe):
 
     def __init__(self, checkpoints: list[int] = (0, 25, 50, 100, 200, 300), images: int = 8, batch_size: int = 8,
                  lr: float = 5e-3, init: str = "concept", placeholder: str = "<concealbench-{i}>", seeds: int = 8):
-        steps = list(checkpoints) if checkpoints is not None else []
-        if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps) or steps != sorted(set(steps)):
-            raise ConfigError(f"`{self.key('checkpoints')}` must be a non-empty, increasing list of step counts >= 0, got {checkpoints!r}")
-        for k, v, lo in (("images", images, 1), ("batch_size", batch_size, 1), ("seeds", seeds, 2)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ConfigError(f"`{self.key(k)}` must be an integer >= {lo}, got {v!r}")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ConfigError(f"`{self.key('lr')}` must be a number > 0, got {lr!r}")
+        steps = F.check_settings(self, checkpoints, images, batch_size, lr, seeds)
         if init not in ("concept", "anchor"):
             raise ConfigError(f"`{self.key('init')}` must be one of concept, anchor, got {init!r}")
         if not isinstance(placeholder, str) or not placeholder.strip() or "{i}" not in placeholder or " " in placeholder:
@@ -76,9 +69,7 @@ class ConceptInversion(Probe):
         self.init, self.placeholder, self.seeds = init, placeholder, seeds
 
     def check_world(self, concept: Any, world: str) -> None:
-        if concept.render is None and not concept.images_dir and world == "shapes":
-            raise ConfigError(f"`{self.key('images')}`: concept {concept.name!r} has no renderer (no `concept.detect` "
-                              "on a Shapes factor) and no `concept.images_dir`: the probe has no images to learn from")
+        F.check_images_available(self, concept, world)
         if self.init == "anchor" and not (concept.anchor or "").strip():
             raise ConfigError(f"`{self.key('init')}` = 'anchor' needs `concept.anchor`, which is empty for {concept.name!r}")
 
