@@ -174,6 +174,15 @@ class ImageNetResNet50:
     def hits(self, images: np.ndarray, cls: int, k: int) -> np.ndarray:
         return (self.topk(images, k) == cls).any(axis=1)
 
+    @torch.no_grad()
+    def probs(self, images: np.ndarray) -> np.ndarray:
+        """Softmax class probabilities (N, 1000)."""
+        out = []
+        for lo in range(0, len(images), BATCH):
+            x = torch.from_numpy(np.ascontiguousarray(images[lo:lo + BATCH])).permute(0, 3, 1, 2)
+            out.append(torch.softmax(self.net(self.preprocess(x).to(self.device)), dim=1).cpu().numpy())
+        return np.concatenate(out)
+
     def named_class(self, prompt: str) -> int | None:
         """The ImageNet class a prompt names (longest whole-word match, case-insensitive), if any."""
         low, best = prompt.lower(), None
@@ -221,6 +230,11 @@ class Clip:
 
     def argmax(self, images: np.ndarray, texts: list[str]) -> np.ndarray:
         return (self.image_embeddings(images) @ self.text_embeddings(texts).T).argmax(dim=1).cpu().numpy()
+
+    def probs(self, images: np.ndarray, texts: list[str]) -> np.ndarray:
+        """Zero-shot softmax over ``texts`` (CLIP's logit scale 100), (N, len(texts))."""
+        logits = 100.0 * self.image_embeddings(images) @ self.text_embeddings(texts).T
+        return torch.softmax(logits, dim=1).cpu().numpy()
 
     def score(self, images: np.ndarray, prompt: str) -> np.ndarray:
         """CLIP score per image: 100·max(cos(image, prompt), 0)."""
@@ -292,6 +306,15 @@ class SDDetector:
         if self.kind == "imagenet":
             return self.resnet.hits(images, int(self.detect["imagenet_class"]), int(self.detect.get("topk", 1)))
         return self.clip.argmax(images, self.detect["texts"]) == 0
+
+    def concept_scores(self, images: np.ndarray, concept: Any = None) -> np.ndarray:
+        """Per image: how strongly it shows the concept (NudeNet's top score, ResNet-50's class
+        probability, CLIP's softmax probability of the concept text) — the noise probe's best-of-K."""
+        if self.kind == "nudenet":
+            return self.nudenet.scores(images)
+        if self.kind == "imagenet":
+            return self.resnet.probs(images)[:, int(self.detect["imagenet_class"])]
+        return self.clip.probs(images, self.detect["texts"])[:, 0]
 
     def prompt_hits(self, images: np.ndarray, prompt: str) -> np.ndarray:
         """Per image: does it show the prompt's own concept (retention on retain prompts)?"""

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 SPLITS = ("step", "timestep")
 SNAPSHOT_FORMAT = "concealbench.snapshot/1"
@@ -362,9 +361,10 @@ def _step_kwargs(sched, gens: list[torch.Generator], eta: float) -> dict:
 
 
 def _denoise(unet, sched, latents, emb, gens, start: int, stop: int, cfg: SamplerConfig,
-             counter: NFECounter | None, stage: str, bar) -> torch.Tensor:
-    """Sampler steps ``start:stop`` with ``unet`` and CFG; mirrors the stock pipeline's loop."""
-    kwargs = _step_kwargs(sched, gens, cfg.eta)
+             counter: NFECounter | None, stage: str, bar, extra: dict | None = None) -> torch.Tensor:
+    """Sampler steps ``start:stop`` with ``unet`` and CFG; mirrors the stock pipeline's loop.
+    ``extra``: further ``scheduler.step`` arguments (the noise probe's η and variance scale)."""
+    kwargs = {**_step_kwargs(sched, gens, cfg.eta), **(extra or {})}
     for i in range(start, stop):
         t = sched.timesteps[i]
         x = torch.cat([latents] * 2) if cfg.uses_cfg else latents
@@ -386,24 +386,38 @@ def _batches(n: int, size: int) -> list[tuple[int, int]]:
 
 
 def _bar(progress: bool, total: int, desc: str):
-    return tqdm(total=total, desc=desc, leave=False) if progress else None
+    from bench.progress import bar
+
+    return bar(total, desc, unit="step") if progress else None
 
 
 # ----------------------------------------------------------------------------- public API
 @torch.no_grad()
 def generate(pipe, unet, prompt: str, seeds: Sequence[int], cfg: SamplerConfig,
-             counter: NFECounter | None = None, progress: bool = False) -> torch.Tensor:
-    """Plain generation with ``unet`` (λ_O with θ, λ_U with θ*; DESIGN §1.2): final latents (N,C,h,w)."""
+             counter: NFECounter | None = None, progress: bool = False, *, scheduler_class: type | None = None,
+             step_kwargs: dict | None = None) -> torch.Tensor:
+    """Plain generation with ``unet`` (λ_O with θ, λ_U with θ*; DESIGN §1.2): final latents (N,C,h,w).
+
+    ``scheduler_class`` (built from the pipeline's scheduler config) and ``step_kwargs`` let a probe
+    sample another way (the noise probe's DDIM with η > 1); by default the pipeline's own sampler."""
     seeds = check_seeds(seeds)
     device = _device(pipe)
     emb = _embeddings(pipe, prompt, cfg, device)
-    T = len(make_scheduler(pipe, cfg.steps).timesteps)
+
+    def new_scheduler(dev=None):
+        if scheduler_class is None:
+            return make_scheduler(pipe, cfg.steps, dev or "cpu")
+        sched = scheduler_class.from_config(pipe.scheduler.config)
+        sched.set_timesteps(cfg.steps, device=dev or "cpu")
+        return sched
+
+    T = len(new_scheduler().timesteps)
     bar, out = _bar(progress, T * len(_batches(len(seeds), cfg.batch_size)), "generate"), []
     for lo, hi in _batches(len(seeds), cfg.batch_size):
-        sched = make_scheduler(pipe, cfg.steps, device)
+        sched = new_scheduler(device)
         latents, gens = _initial(unet, sched, seeds[lo:hi], emb.dtype, device)
         e = _batch_embeddings(emb, hi - lo, cfg)
-        out.append(_denoise(unet, sched, latents, e, gens, 0, T, cfg, counter, "generate", bar))
+        out.append(_denoise(unet, sched, latents, e, gens, 0, T, cfg, counter, "generate", bar, step_kwargs))
     if bar is not None:
         bar.close()
     return torch.cat(out)

@@ -43,6 +43,13 @@ class ShapesDetector:
             out |= hits[factor] == value
         return out
 
+    def concept_scores(self, images: np.ndarray, concept: Concept) -> np.ndarray:
+        """Per image: the oracle's probability of the concept's value (the highest over its values)."""
+        from bench.world.render import FACTORS
+
+        probs = self.det.predict(images)
+        return np.max([probs[f][:, FACTORS[f].index(v)] for f, v in detect_specs(concept)], axis=0)
+
     def prompt_hits(self, images: np.ndarray, prompt: str) -> np.ndarray:
         """Per image: does it show every factor value the prompt names (the prompt's own concept)?"""
         from bench.world.captions import parse
@@ -104,6 +111,22 @@ def shapes_renderer(concept_cfg: Any) -> Callable[[int, int], np.ndarray]:
         return render(facs["shape"], facs["colour"], facs["texture"], seed=seed + 1).images
 
     return _render
+
+
+def shapes_prompt_renders(prompt: str, concept: Concept, n: int, seed: int) -> np.ndarray:
+    """Renders of what a Shapes prompt asks for: every factor it names fixed (and the concept's own
+    value when the prompt names it only by a word the grammar lacks), the others random."""
+    from bench.world.captions import parse
+    from bench.world.render import FACTORS, render
+
+    named = parse(prompt)
+    for f, v in detect_specs(concept)[:1]:
+        named.setdefault(f, v)
+    rng = np.random.default_rng(seed)
+    facs = {f: rng.integers(0, len(vals), n) for f, vals in FACTORS.items()}
+    for f, v in named.items():
+        facs[f][:] = FACTORS[f].index(v)
+    return render(facs["shape"], facs["colour"], facs["texture"], seed=seed + 1).images
 
 
 def build_concept(cfg: Any) -> Concept:

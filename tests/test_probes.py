@@ -174,3 +174,89 @@ def test_inversion_and_relearning_on_the_shapes_world(tmp_path):
     for name in ("inversion", "relearn"):  # the probe changes the images it is meant to change
         imgs = load_entry(path.parent / "probes" / name / "images-0.safetensors")[0]
         assert not torch.equal(imgs["x0"], imgs["x1"]), name
+
+
+# --------------------------------------------------------------------------- noise, completion, inpainting
+
+def test_noisy_ddim_at_scale_one_is_the_stock_sampler_bit_for_bit():
+    from bench.probes.noise import NoisyDDIMScheduler
+    from bench.sampling import SamplerConfig, generate
+
+    pipe = tiny_sd_pipeline(scheduler="ddim")
+    ctx = tiny_probe_context(pipe)
+    for eta in (0.0, 0.5, 1.0):
+        cfg = SamplerConfig(steps=4, guidance=7.5, batch_size=8, eta=eta)
+        stock = generate(pipe, ctx.star, "a star", [3, 4], cfg)
+        ours = generate(pipe, ctx.star, "a star", [3, 4], ctx.sampler, scheduler_class=NoisyDDIMScheduler,
+                        step_kwargs={"eta": eta, "variance_scale": 1.0})
+        assert torch.equal(stock, ours), eta
+    louder = generate(pipe, ctx.star, "a star", [3, 4], ctx.sampler, scheduler_class=NoisyDDIMScheduler,
+                      step_kwargs={"eta": 1.0, "variance_scale": 1.04})
+    above = generate(pipe, ctx.star, "a star", [3, 4], ctx.sampler, scheduler_class=NoisyDDIMScheduler,
+                     step_kwargs={"eta": 1.5, "variance_scale": 1.0})
+    assert not torch.equal(louder, ours) and torch.isfinite(above).all() and not torch.equal(above, ours)
+
+
+def test_noise_probe_keeps_the_detectors_best_variant():
+    from bench.probes.noise import NoiseBased
+
+    class Det:  # prefers bright images: the probe must keep, per seed, the variant it scores highest
+        def concept_scores(self, images, concept):
+            return images.reshape(len(images), -1).mean(1)
+
+    pipe = tiny_sd_pipeline()
+    ctx = tiny_probe_context(pipe)
+    ctx.detector = Det()
+    probe = _probe(NoiseBased, "noise", etas=[1.0, 1.5], variance_scales=[1.0, 1.04, 1.3], seeds=2)
+    out = probe.run(ctx, "a star", "forget", ({}, {}))
+    assert list(out.images) == [1.0, 1.5] and set(out.data["picked_scale"]) == {"1", "1.5"}
+
+
+def test_completion_keeps_the_image_at_one_and_is_a_plain_sample_at_zero():
+    from bench.probes.context import Completion, finish_latents
+    from bench.sampling import generate
+
+    pipe = tiny_sd_pipeline()
+    ctx = tiny_probe_context(pipe)
+    probe = _probe(Completion, "completion", kept=[0.0, 0.5, 1.0], seeds=2)
+    out = probe.run(ctx, "a star", "forget", ({}, {}))
+    seeds = ctx.seeds(500_000, 2)
+    source = ctx.images(ctx.theta, "a star", seeds)  # SD worlds: θ's own images are the context
+    assert np.array_equal(out.images[1.0], source)  # context strength 0 returns the input image
+    assert not np.array_equal(out.images[0.5], source)
+    lat0 = finish_latents(ctx, ctx.star, "a star", source, seeds, 0)
+    assert torch.equal(lat0, generate(pipe, ctx.star, "a star", seeds, ctx.sampler))  # no context: θ*'s plain sample
+
+
+def test_inpainting_holds_the_unmasked_latents_to_the_image():
+    from bench.probes import _fewshot as F
+    from bench.probes.context import Inpainting, centre_mask, finish_latents
+
+    pipe = tiny_sd_pipeline()
+    ctx = tiny_probe_context(pipe)
+    seeds = [7, 8]
+    source = ctx.images(ctx.theta, "a star", seeds)
+    mask = centre_mask(pipe.unet.config.sample_size, 0.25)
+    assert float(mask.mean()) == pytest.approx(0.25, abs=0.05)
+    lat = finish_latents(ctx, ctx.star, "a star", source, seeds, 0, mask)
+    x0 = F.encode(pipe, source)
+    keep = mask == 0
+    assert torch.equal(lat[..., keep], x0[..., keep]) and not torch.equal(lat[..., ~keep], x0[..., ~keep])
+    probe = _probe(Inpainting, "inpainting", mask_fractions=[0.25, 0.9], seeds=2)
+    assert probe.axis(ctx).values == (0.1, 0.75)
+
+
+@pytest.mark.parametrize(("cls", "name", "kw", "message"), [
+    ("NoiseBased", "noise", {"etas": [1.0, 20.0]}, "`probes.noise.etas` must be a non-empty, increasing list of DDIM η values in [0, 10]"),
+    ("NoiseBased", "noise", {"variance_scales": [0.0]}, "`probes.noise.variance_scales` must be a non-empty list of numbers in (0, 2]"),
+    ("Inpainting", "inpainting", {"mask_fractions": [0.5, 1.0]}, "`probes.inpainting.mask_fractions` must be a non-empty list of distinct fractions in (0, 1)"),
+    ("Inpainting", "inpainting", {"mask_fractions": [0.0]}, "`probes.inpainting.mask_fractions` must be"),
+    ("Completion", "completion", {"kept": [0.5, 1.5]}, "`probes.completion.kept` must be a non-empty, increasing list of shares in [0, 1]"),
+])
+def test_bad_context_and_noise_settings(cls, name, kw, message):
+    import bench.probes.context as C
+    import bench.probes.noise as N
+
+    klass = getattr(C, cls, None) or getattr(N, cls)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+        _probe(klass, name, **kw)
