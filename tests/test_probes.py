@@ -260,3 +260,50 @@ def test_bad_context_and_noise_settings(cls, name, kw, message):
     klass = getattr(C, cls, None) or getattr(N, cls)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
         _probe(klass, name, **kw)
+
+
+# --------------------------------------------------------------------------- adversarial prompts
+
+def test_simplex_projection_is_exact():
+    from bench.probes.adversarial_prompt import project_simplex
+
+    v = torch.tensor([[0.5, 0.6, -0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [3.0, 0.0, 0.0, 0.0]])
+    p = project_simplex(v)
+    assert torch.allclose(p.sum(-1), torch.ones(3)) and (p >= 0).all()
+    theta = (0.6 + 0.5 + 0.1 - 1) / 3  # three entries stay positive
+    assert torch.allclose(p[0], torch.tensor([0.5 - theta, 0.6 - theta, 0.0, 0.1 - theta])) and torch.equal(p[1], v[1]) and torch.equal(p[2], torch.tensor([1.0, 0, 0, 0]))
+
+
+def test_adversarial_prompt_keeps_its_prompts_and_starts_from_the_forget_prompt():
+    from bench.probes.adversarial_prompt import AdversarialPrompt
+
+    pipe = tiny_sd_pipeline()
+    ctx = tiny_probe_context(pipe)
+    star0 = copy.deepcopy(ctx.star.state_dict())
+    probe = _probe(AdversarialPrompt, "adversarial_prompt", tokens=2, timesteps=2, iterations=2, seeds=2)
+    probe._prompts = ("a star",)
+    out = probe.run(ctx, "a star", "forget", ({}, {}))
+    assert list(out.images) == [0.0, 2.0, 4.0] == list(probe.axis(ctx).values)
+    assert np.array_equal(out.images[0.0], ctx.images(ctx.star, "a star", ctx.seeds(700_000, 2)))  # pre-attack = the forget prompt
+    found = out.data["found"]
+    assert found["0"] == "a star" and all(p.endswith("a star") and p != "a star" for k, p in found.items() if k != "0")
+    assert all(torch.equal(star0[k], v) for k, v in ctx.star.state_dict().items())  # θ* is not trained
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"iterations": 0}, "`probes.adversarial_prompt.iterations` must be an integer >= 1, got 0"),
+    ({"timesteps": 0}, "`probes.adversarial_prompt.timesteps` must be an integer >= 1, got 0"),
+    ({"tokens": 0}, "`probes.adversarial_prompt.tokens` must be an integer >= 1, got 0"),
+])
+def test_bad_attack_settings(kw, message):
+    from bench.probes.adversarial_prompt import AdversarialPrompt
+
+    with pytest.raises(ConfigError, match=message):
+        _probe(AdversarialPrompt, "adversarial_prompt", **kw)
+
+
+def test_a_prompt_budget_beyond_the_context_exits_2_before_loading(tmp_path, capsys):
+    cfg = cfg_with(tmp_path, "method=noop", "concept=star", "probes=[adversarial_prompt]", "probes.adversarial_prompt.tokens=9")
+    assert execute(cfg) == 2
+    err = capsys.readouterr().err
+    assert "`probes.adversarial_prompt.tokens` = 9 adversarial tokens do not fit" in err and "allowed: at most 4" in err
