@@ -277,9 +277,14 @@ class Job:
                            detector=self.detector, world=self.cfg.model.world, cache_key=self.cache_key())
         return ctx
 
+    def probe_dir(self, probe) -> Path:
+        """A probe's stage files, one folder per probe protocol: re-configuring a probe never reuses
+        another configuration's images (``probes/<name>/<probe protocol hash>/``)."""
+        return self.dir / "probes" / probe.name / self.probe_protocols[probe.name]["hash"]
+
     def stage_probe_prepare(self, probe, ctx) -> tuple[dict, dict]:
-        """A probe's per-model work (``prepare``), kept in ``probes/<name>/state.safetensors``."""
-        path = self.dir / "probes" / probe.name / "state.safetensors"
+        """A probe's per-model work (``prepare``), kept in ``probes/<name>/<hash>/state.safetensors``."""
+        path = self.probe_dir(probe) / "state.safetensors"
         if path.exists():
             self._reuse(f"{probe.name} prepare")
             return load_entry(path)
@@ -292,8 +297,8 @@ class Job:
         return tensors, meta
 
     def stage_probe_prompt(self, probe, ctx, state, i: int, prompt: str, cls: str, ref: dict) -> dict:
-        """One probe on one prompt: its images (``probes/<name>/images-<i>.safetensors``) and scores."""
-        folder = self.dir / "probes" / probe.name
+        """One probe on one prompt: its images (``probes/<name>/<hash>/images-<i>.safetensors``) and scores."""
+        folder = self.probe_dir(probe)
         scores_path = folder / f"scores-{i}.json"
         prev = read_record(scores_path)
         if prev is not None:
@@ -324,7 +329,7 @@ class Job:
         return res
 
     def probe_images(self, probe, i: int) -> dict[float, np.ndarray]:
-        tensors, meta = load_entry(self.dir / "probes" / probe.name / f"images-{i}.safetensors")
+        tensors, meta = load_entry(self.probe_dir(probe) / f"images-{i}.safetensors")
         return {float(x): tensors[f"x{k}"].numpy() for k, x in enumerate(meta["x"])}
 
     # ------------------------------------------------------------------ gold standard

@@ -90,8 +90,8 @@ def test_seed_moves_every_evaluation_seed(tmp_path):
 
     u0, u1 = load_entry(d0 / "u-0.safetensors")[0]["u"], load_entry(d1 / "u-0.safetensors")[0]["u"]
     assert not (u0 == u1).all()  # λ_U (and λ_O) from other seeds
-    p0 = load_entry(d0 / "probes" / "partial_diffusion" / "images-0.safetensors")[0]["x0"]
-    p1 = load_entry(d1 / "probes" / "partial_diffusion" / "images-0.safetensors")[0]["x0"]
+    p0 = load_entry(next((d0 / "probes" / "partial_diffusion").glob("*/images-0.safetensors")))[0]["x0"]
+    p1 = load_entry(next((d1 / "probes" / "partial_diffusion").glob("*/images-0.safetensors")))[0]["x0"]
     assert not (p0 == p1).all()  # the attacked seeds moved too
     assert r1["cost"]["cache"]["misses"]  # seed 1 cannot reuse seed 0's λ_O
 
@@ -110,6 +110,12 @@ def test_adding_a_probe_to_a_finished_job_recomputes_nothing_else(tmp_path):
     for name, t in stamps.items():  # the delta, λ_U and prompt scores were reused, not rewritten
         assert (path.parent / name).stat().st_mtime_ns == t, name
     assert again["metrics"]["erasure"] == first["metrics"]["erasure"]
+    # re-configuring the probe gets its own stage files: the images of the first setting are not reused
+    assert execute(cfg_with(tmp_path, *base, "probes.partial_diffusion.seeds=3")) == 0
+    third = json.loads(path.read_text())
+    pd2, pd1 = third["probes"]["partial_diffusion"], again["probes"]["partial_diffusion"]
+    assert pd2["protocol"]["hash"] != pd1["protocol"]["hash"] and pd2["metrics"]["recover"]["n"]["seeds"] == 3
+    assert len(list((path.parent / "probes" / "partial_diffusion").iterdir())) == 2
 
 
 @needs_world
@@ -143,7 +149,7 @@ def test_killed_mid_attack_resumes_to_identical_record(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
-    while time.time() < deadline and not list((tmp_path / "runs").rglob("probes/partial_diffusion/images-0.safetensors")):
+    while time.time() < deadline and not list((tmp_path / "runs").rglob("probes/partial_diffusion/*/images-0.safetensors")):
         time.sleep(0.2)
     p.send_signal(signal.SIGKILL)
     p.wait()

@@ -166,13 +166,13 @@ def test_inversion_and_relearning_on_the_shapes_world(tmp_path):
         assert block["axis"]["name"] == axis and block["axis"]["values"] == [0.0, 5.0]
         assert "recover" in block["metrics"] and block["retain"] == {}  # forget prompts only
         assert block["cost"]["prepare_seconds"] > 0 and block["cost"]["nfe"] > 0
-        assert (path.parent / "probes" / name / "state.safetensors").exists()
+        assert (path.parent / "probes" / name / block["protocol"]["hash"] / "state.safetensors").exists()
         assert rec["artifacts"][f"curve_{name}"] == f"curve_{name}.png" and (path.parent / f"grid_{name}.png").exists()
     assert rec["prompts"][0]["probes"]["inversion"]["data"]["prompt"] == "a <concealbench-0>"
     from bench.cache import load_entry
 
     for name in ("inversion", "relearn"):  # the probe changes the images it is meant to change
-        imgs = load_entry(path.parent / "probes" / name / "images-0.safetensors")[0]
+        imgs = load_entry(path.parent / "probes" / name / rec["probes"][name]["protocol"]["hash"] / "images-0.safetensors")[0]
         assert not torch.equal(imgs["x0"], imgs["x1"]), name
 
 
