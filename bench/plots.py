@@ -30,8 +30,10 @@ def probe_curve_plot(curve: Sequence[dict], path: Path, title: str, xlabel: str,
     xs = [r["x"] for r in curve]
     for key, label, colour in SERIES:
         ys = [r.get(key) for r in curve]
-        if any(y is not None for y in ys):
-            ax.plot(xs, [np.nan if y is None else y for y in ys], "o-", ms=3, color=colour, label=label)
+        if any(y is not None for y in ys):  # detection (what the recovery point is read from) on top
+            top = key == "detection"
+            ax.plot(xs, [np.nan if y is None else y for y in ys], "o-", ms=4 if top else 3, lw=2.2 if top else 1.2,
+                    color=colour, label=label, zorder=5 if top else 3)
         if gold:
             gy = [r.get(key) for r in gold]
             if any(y is not None for y in gy) and key in ("detection", "p_original"):
@@ -52,7 +54,7 @@ def probe_curve_plot(curve: Sequence[dict], path: Path, title: str, xlabel: str,
     ax.legend(fontsize=6.5, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    _save_quantized(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -62,7 +64,7 @@ def image_grid(rows: Sequence[np.ndarray], path: Path, row_labels: Sequence[str]
     rows = [r[:max_cols] for r in rows]
     n_rows, n_cols = len(rows), max((len(r) for r in rows), default=1)
     h, w = rows[0].shape[1:3] if n_rows else (32, 32)
-    scale = max(0.5, 1.0 * min(h, 64) / 32)
+    scale = max(0.5, 0.65 * min(h, 64) / 32)  # 32-px images at ~2× (they are copied into every published record)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * scale * 0.9 + 1.2, n_rows * scale * 0.9 + 0.4), squeeze=False)
     for i, r in enumerate(rows):
         for j in range(n_cols):

@@ -357,7 +357,9 @@ class Job:
                              ax["label"], gold=(gold or {}).get("curve"), recover=block["metrics"].get("recover"),
                              gold_recover=(gold or {}).get("metrics", {}).get("recover"))
             imgs = self.probe_images(probe, first)
-            image_grid([imgs[x][:8] for x in imgs], self.dir / grid_file, [f"{ax['unit'] or ax['name']} = {x:g}" for x in imgs],
+            xs = list(imgs)
+            xs = [xs[round(k * (len(xs) - 1) / 8)] for k in range(9)] if len(xs) > 9 else xs  # at most 9 rows
+            image_grid([imgs[x][:8] for x in dict.fromkeys(xs)], self.dir / grid_file, [f"{ax['unit'] or ax['name']} = {x:g}" for x in dict.fromkeys(xs)],
                        f"{probe.display or probe.name} on {rows[first]['prompt']!r}: θ* images along the axis")
             artifacts[f"curve_{probe.name}"], artifacts[f"grid_{probe.name}"] = curve_file, grid_file
         return artifacts

@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     pub = sub.add_parser("publish", help="copy finished runs into leaderboard/results and rebuild the tracked site from them")
     pub.add_argument("runs", type=Path, nargs="*", help="run folders (runs/<model>/<concept>/<method>/<job-key>); none = rebuild only")
     pub.add_argument("--strict", action="store_true", help="exit 1 if any published record was left out or flagged")
+    pub.add_argument("--images", choices=("first-seed", "all"), default="first-seed",
+                     help="publish the image grids of seed-0 records only (default) or of every record")
     s = sub.add_parser("screenshot", help="PNG of a built page with headless chromium (for the README)")
     s.add_argument("page", type=Path, nargs="?", default=SITE / "index.html")
     s.add_argument("png", type=Path, nargs="?", default=Path("docs/leaderboard.png"))
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return screenshot(args.page, args.png, args.width, args.height)
     if args.cmd == "publish":
         try:
-            for dst in publish(args.runs, PUBLISHED):
+            for dst in publish(args.runs, PUBLISHED, args.images):
                 print(f"published {dst}")
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -108,9 +108,11 @@ def build(runs: Path | None, results: Path | None, out: Path, md: Path | None,
     return result
 
 
-def publish(run_dirs: list[Path], results: Path = PUBLISHED) -> list[Path]:
+def publish(run_dirs: list[Path], results: Path = PUBLISHED, images: str = "first-seed") -> list[Path]:
     """Copy finished run folders (``record.json`` and its images) to
     ``results/<model>/<concept>/<method>/<job-key>/``; stage files and deltas stay behind.
+    ``images``: ``first-seed`` copies the PNGs of seed-0 records only (the page shows a replicated
+    row's first seed; the other seeds' records carry the numbers), ``all`` every record's.
     Refuses a folder without an ok record (one message naming it)."""
     copied = []
     for d in run_dirs:
@@ -126,7 +128,7 @@ def publish(run_dirs: list[Path], results: Path = PUBLISHED) -> list[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for f in Path(d).iterdir():
-            if f.is_file() and (f.name == "record.json" or f.suffix.lower() == ".png"):
+            if f.is_file() and (f.name == "record.json" or (f.suffix.lower() == ".png" and (images == "all" or rec.get("seed", 0) == 0))):
                 shutil.copyfile(f, tmp / f.name)
         shutil.rmtree(dst, ignore_errors=True)
         tmp.rename(dst)

@@ -22,7 +22,13 @@ from bench.world.fidelity import factor_hits, generate, prompt_fidelity
 from bench.world.render import render_random
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "concept"
-PRESETS = ("star", "stripes", "red")
+
+
+def presets() -> tuple[str, ...]:
+    """Every Shapes concept preset (conf/concept/*.yaml with a detect spec on a world factor)."""
+    from bench.world.train import gold_specs
+
+    return tuple(gold_specs(CONF_DIR))
 
 
 def load_world(world: Path, unet_dir: Path | None = None):
@@ -40,7 +46,7 @@ def load_world(world: Path, unet_dir: Path | None = None):
 def _presets() -> dict[str, dict]:
     from omegaconf import OmegaConf
 
-    return {p: OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{p}.yaml")) for p in PRESETS}
+    return {p: OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{p}.yaml")) for p in presets()}
 
 
 def _fmt(v: float | None) -> str:
@@ -104,16 +110,20 @@ def run_check(world: Path, seeds: int = 64, out: Path | None = None) -> dict:
         cfg = presets[name]
         forget, retain = cfg["forget_prompts"], cfg["retain_prompts"]
         imgs = generate(gpipe, forget + retain, seed_list)
-        factor, value = g["factor"], g["value"]
+        pairs = [tuple(x) for x in g.get("exclude") or [[g["factor"], g["value"]]]]
         det_rates = []
         for i in range(len(forget)):
             hits = factor_hits(imgs[i * seeds : (i + 1) * seeds], det)
-            det_rates.append(float((hits[factor] == value).mean()))
+            shown = np.zeros(seeds, dtype=bool)
+            for factor, value in pairs:
+                shown |= hits[factor] == value
+            det_rates.append(float(shown.mean()))
         ret = [prompt_fidelity(imgs[(len(forget) + i) * seeds : (len(forget) + i + 1) * seeds], p, det) for i, p in enumerate(retain)]
         ret_all = [np.mean(list(r.values())) for r in ret]
         gold[name] = {"forget_detection": dict(zip(forget, det_rates, strict=True)), "retain_fidelity": dict(zip(retain, ret, strict=True)),
                       "forget_detection_mean": float(np.mean(det_rates)), "retain_fidelity_mean": float(np.mean(ret_all))}
-        print(f"\ngold[{name}]: {factor}={value} detected in {np.mean(det_rates):.3f} of forget-prompt images (max {max(det_rates):.3f});"
+        what = " or ".join(f"{f}={v}" for f, v in pairs)
+        print(f"\ngold[{name}]: {what} detected in {np.mean(det_rates):.3f} of forget-prompt images (max {max(det_rates):.3f});"
               f" retain-prompt fidelity {np.mean(ret_all):.3f} (min {min(ret_all):.3f})")
     result["gold"] = gold
     result["seconds"] = time.time() - t0

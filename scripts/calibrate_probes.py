@@ -1,0 +1,110 @@
+"""Calibrate a probe's Shapes defaults: run it at each grid setting on the reference rows and a few
+methods, and pick the setting by a rule fixed before looking at the numbers.
+
+    python scripts/calibrate_probes.py --probe inversion --grid lr=0.001,0.005,0.02 \\
+        --methods noop retrain esd_x uce --concepts star red --threads 2
+
+Every run is an ordinary job (``python -m bench … probes=[<probe>] probes.<probe>.<key>=<value>``,
+eval=quick with one retain prompt: the probes run on forget prompts only) under
+``runs/calibration/``; re-running reuses finished stages. The rule: a setting is *eligible* when θ
+(noop) recovers at the axis' first value on every concept and the gold standard does not recover
+before the first third of the axis on any concept (a probe that teaches a never-knew model the
+concept at once cannot tell removal from concealment); the default is the strongest eligible
+setting (the last in grid order, which is ordered weakest → strongest). Writes a Markdown table
+and the choice to ``docs/calibration/probes-<probe>.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "runs" / "calibration"
+
+
+def run_job(method: str, concept: str, probe: str, key: str | None, value: str | None, threads: int) -> dict:
+    args = [sys.executable, "-m", "bench", f"method={method}", f"concept={concept}", f"probes=[{probe}]",
+            "eval.max_retain_prompts=1", "logger=none", f"threads={threads}", f"out_dir={OUT}", f"cache_dir={ROOT / '.cache/concealbench'}"]
+    if key is not None:
+        args.append(f"probes.{probe}.{key}={value}")
+    t = time.time()
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if r.returncode != 0:
+        raise SystemExit(f"{method}/{concept} {key}={value} failed:\n{r.stderr[-3000:]}")
+    path = Path(r.stdout.strip().splitlines()[-2].split("record:", 1)[1].strip())
+    rec = json.loads(path.read_text())
+    block = rec["probes"][probe]
+    return {"method": method, "concept": concept, "value": value, "seconds": time.time() - t,
+            "probe_seconds": block["cost"]["seconds"], "recover": block["metrics"]["recover"], "axis": block["axis"]["values"],
+            "curve": [pt.get("detection") for pt in block["curve"]], "erasure": rec["metrics"]["erasure"]["value"], "record": str(path)}
+
+
+def _fmt(m: dict) -> str:
+    v, ci = m.get("value"), m.get("ci") or [None, None]
+    if v is None:
+        return "never"
+    lo = "—" if ci[0] is None else f"{ci[0]:.3g}"
+    hi = "never" if ci[1] is None else f"{ci[1]:.3g}"
+    return f"{v:.3g} [{lo}, {hi}]"
+
+
+def eligible(rows: list[dict]) -> tuple[bool, str]:
+    why = []
+    for r in rows:
+        axis, rec = r["axis"], r["recover"].get("value")
+        if r["method"] == "noop" and (rec is None or rec > axis[0]):
+            why.append(f"θ does not recover at {axis[0]:g} on {r['concept']}")
+        third = axis[0] + (axis[-1] - axis[0]) / 3
+        if r["method"] == "retrain" and rec is not None and rec < third:
+            why.append(f"the gold recovers at {rec:.3g} < {third:.3g} on {r['concept']}")
+    return not why, "; ".join(why) or "eligible"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--probe", required=True)
+    p.add_argument("--grid", default=None, help="key=v1,v2,… (weakest first); none = the probe's defaults only")
+    p.add_argument("--methods", nargs="+", default=["noop", "retrain", "esd_x", "uce"])
+    p.add_argument("--concepts", nargs="+", default=["star", "red"])
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    key, values = (a.grid.split("=", 1)[0], a.grid.split("=", 1)[1].split(",")) if a.grid else (None, [None])
+    table, choice = [], None
+    for v in values:
+        rows = [run_job(m, c, a.probe, key, v, a.threads) for c in a.concepts for m in a.methods]
+        ok, why = eligible(rows)
+        table.append((v, rows, ok, why))
+        print(f"{key}={v}: {why}", file=sys.stderr)
+        if ok:
+            choice = v
+    lines = [f"# Calibration of the `{a.probe}` probe (Shapes)", "",
+             f"Command: `python scripts/calibrate_probes.py --probe {a.probe}" + (f" --grid {a.grid}" if a.grid else "")
+             + f" --methods {' '.join(a.methods)} --concepts {' '.join(a.concepts)} --threads {a.threads}`", "",
+             "Rule (fixed before the runs): θ (noop) must recover at the axis' first value on every concept, and the gold standard "
+             "must not recover before the first third of the axis on any concept; the default is the strongest eligible setting.", "",
+             "Recovery point [95% CI] per method and concept (eval=quick forget prompts; detection ≥ 0.5), and the probe's own wall "
+             "time (2 threads).", ""]
+    heads = ["setting", *[f"{m} / {c}" for c in a.concepts for m in a.methods], "probe time (median)", "eligible"]
+    lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for v, rows, ok, why in table:
+        times = sorted(r["probe_seconds"] for r in rows)
+        lines.append(f"| {key}={v} | " if key else "| defaults | ")
+        lines[-1] += " | ".join(_fmt(r["recover"]) for r in rows) + f" | {times[len(times) // 2]:.0f} s | {'yes' if ok else 'no: ' + why} |"
+    lines += ["", f"**Choice:** {f'{key}={choice}' if key and choice else ('the defaults' if choice else 'none eligible: the weakest setting is kept and reported')}.", "",
+              "Detection curves (forget-prompt mean) along the axis:", ""]
+    for v, rows, _, _ in table:
+        for r in rows:
+            lines.append(f"- {key}={v} {r['method']}/{r['concept']}: " + ", ".join(f"{x:g}→{d:.2f}" for x, d in zip(r["axis"], r["curve"], strict=False) if d is not None))
+    out = ROOT / "docs" / "calibration" / f"probes-{a.probe}.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
