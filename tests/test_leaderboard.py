@@ -224,7 +224,7 @@ def test_markdown_table(tmp_path):
     assert "### Verdict matrix" in md and "| star | ESD (esd-x) | concealed (P 1.00) | kept (P 1.00) | partial diffusion |" in md
     assert "### Per-method summary" in md
     assert "runs/shapes/red/esd/k-failed/record.json: status: failed" in md
-    assert "**destroyed**: P(specificity < 0.7) ≥ 0.95" in md
+    assert "**destroyed**: P(specificity < 0.5) ≥ 0.95" in md
     assert "2409.05668" in md
 
 
