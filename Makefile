@@ -21,7 +21,7 @@ SEARCH_DIR ?= multirun/search-$(METHOD)-$(CONCEPT)
 REPLICATE_DIR ?= multirun/replicate-$(METHOD)-$(CONCEPT)
 
 .DEFAULT_GOAL := help
-.PHONY: help install world world-check throughput bench perf gpu-smoke sweep search replicate leaderboard publish leaderboard-png test test-slow lint clean
+.PHONY: help install world world-check throughput bench perf costs gpu-smoke sweep search replicate leaderboard publish leaderboard-png test test-slow lint clean
 
 help: ## Show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z_-]+:.*## /{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -43,6 +43,9 @@ bench: ## Run one benchmark job: make bench METHOD=esd CONCEPT=star EVAL=quick [
 
 throughput: ## Benchmark the Shapes base model's generation speed (images/s, batch 64, CFG)
 	$(PY) -m bench.world throughput $(ARGS)
+
+costs: ## Price a job's probes from its config alone, e.g. make costs ARGS="model=sd14 concept=van_gogh probes=all"
+	$(PY) -m bench.costs $(ARGS)
 
 perf: ## Attack-engine benchmark: our snapshot engine vs the authors' naive loop (NFE, wall time)
 	$(PY) -m bench.perf $(ARGS)

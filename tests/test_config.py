@@ -74,7 +74,7 @@ def test_annotated_hyperparameters_are_checked():
     (["method=esd", "method.params.lrr=1"], "error: `method.params.lrr` is not a hyperparameter of methods.esd; allowed: batch_size,"),
     (["eval.nn=3"], "error: `eval.nn` is not a key of the config (a typo? to add a new key use +eval.nn=…)"),
     (["eval.n=[1,"], "error: cannot parse the override 'eval.n=[1,'"),
-    (["probes=[partial_diffusion,nope]"], "error: `probes` = 'nope' is not one of the options in conf/probes/: inversion, partial_diffusion,"),
+    (["probes=[partial_diffusion,nope]"], "error: `probes` = 'nope' is not one of the options in conf/probes/: adversarial_prompt, all, completion,"),
 ])
 def test_bad_command_line_override_is_one_line_and_exit_2(tmp_path, args, message):
     """The README promises one message and exit 2 for an unknown option or a misspelled key: Hydra's own report exits 1."""

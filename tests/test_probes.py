@@ -307,3 +307,52 @@ def test_a_prompt_budget_beyond_the_context_exits_2_before_loading(tmp_path, cap
     assert execute(cfg) == 2
     err = capsys.readouterr().err
     assert "`probes.adversarial_prompt.tokens` = 9 adversarial tokens do not fit" in err and "allowed: at most 4" in err
+
+
+def test_probes_all_is_every_probe_file():
+    """`probes=all` must name every probe in conf/probes/ (a new probe's YAML that is missing from it fails here)."""
+    files = {p.stem for p in (Path(CONF) / "probes").glob("*.yaml")} - {"all"}
+    with initialize_config_dir(version_base=None, config_dir=CONF):
+        cfg = compose("config", overrides=["probes=all"])
+    probes = build_probes(cfg.probes)
+    assert {p.name for p in probes} == files
+    assert probes[0].name == "partial_diffusion"
+
+
+@pytest.mark.parametrize(("module", "cls", "kw"), [
+    ("partial_diffusion", "PartialDiffusion", {"psi": [0.0, 0.25, 0.5], "seeds": 2, "retain_seeds": 3, "paper_seed": 42}),
+    ("inversion", "ConceptInversion", {"checkpoints": [0, 2, 3], "images": 2, "batch_size": 2, "seeds": 2}),
+    ("relearn", "Relearning", {"checkpoints": [0, 2], "images": 3, "batch_size": 2, "seeds": 2}),
+    ("noise", "NoiseBased", {"etas": [1.0, 1.5], "variance_scales": [1.0, 1.02], "seeds": 2}),
+    ("context", "Completion", {"kept": [0.0, 0.5, 1.0], "seeds": 2}),
+    ("context", "Inpainting", {"mask_fractions": [0.5, 0.25], "seeds": 2}),
+    ("adversarial_prompt", "AdversarialPrompt", {"tokens": 1, "timesteps": 2, "iterations": 2, "seeds": 2}),
+])
+def test_a_probes_row_count_is_what_the_nfe_counter_counts(module, cls, kw):
+    """``rows()`` prices a probe on a model that is not loaded (python -m bench.costs): it must equal
+    the UNet rows the probe really spends, θ's context images and training steps included."""
+    import importlib
+
+    from bench.probes import Workload
+
+    klass = getattr(importlib.import_module(f"bench.probes.{module}"), cls)
+    probe = _probe(klass, {"NoiseBased": "noise", "Completion": "completion", "Inpainting": "inpainting"}.get(cls, module), **kw)
+
+    class Det:
+        def concept_scores(self, images, concept):
+            return images.reshape(len(images), -1).mean(1)
+
+        def concept_hits(self, images, concept):
+            return self.concept_scores(images, concept) > 127
+
+    pipe = tiny_sd_pipeline()
+    concept = tiny_concept(forget_prompts=("a star", "a red star"), retain_prompts=("a circle",))  # no renderer: θ's images
+    ctx = tiny_probe_context(pipe, concept=concept)
+    ctx.detector = Det()
+    state = probe.prepare(ctx)
+    for c in probe.classes:
+        for prompt in concept.forget_prompts if c == "forget" else concept.retain_prompts:
+            probe.run(ctx, prompt, c, state)
+    plan = probe.rows(Workload(forget=2, retain=1, steps=ctx.sampler.steps, renders=False))
+    assert sum(plan.values()) == ctx.counter.total > 0, (plan, ctx.counter.by_stage)
+    assert plan["train"] > 0 or cls not in ("ConceptInversion", "Relearning", "AdversarialPrompt")

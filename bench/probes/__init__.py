@@ -12,7 +12,9 @@ A probe is a component like a method: one file in this folder, one YAML in ``con
   ``(tensors, meta)``, which the harness stores as the probe's stage file and hands back to
   ``run``; a probe without such work returns ``({}, {})``;
 - ``run(ctx, prompt, cls, state)`` returns the images along the axis for one prompt
-  (``ProbeOutput``). Shared scorers (``bench.scorers``) turn them into metrics.
+  (``ProbeOutput``). Shared scorers (``bench.scorers``) turn them into metrics;
+- ``rows(workload)`` counts the UNet rows it will spend (``Workload``; tests hold it to the NFE
+  counter), so ``python -m bench.costs`` can price a probe suite on a model it has not loaded.
 
 A job lists its probes (``probes=[partial_diffusion,inversion]``); each has its own stage files
 under ``probes/<name>/`` in the job folder, so adding a probe to a finished job recomputes neither
@@ -52,6 +54,25 @@ class Axis:
         if self.steps is not None:
             d["steps"] = [int(s) for s in self.steps]
         return d
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a probe's cost depends on, known from the config alone: the number of forget and retain
+    prompts, target words and sampler steps, whether the sampler uses classifier-free guidance
+    (two UNet rows per image and step), and whether concept images come from a renderer (Shapes)
+    or from θ itself (SD)."""
+
+    forget: int
+    retain: int
+    steps: int
+    targets: int = 1
+    cfg: bool = True
+    renders: bool = True
+
+    def sample(self, images: int, steps: int | None = None) -> int:
+        """UNet rows to take ``images`` images through ``steps`` sampler steps (default: all)."""
+        return int(images) * (self.steps if steps is None else int(steps)) * (2 if self.cfg else 1)
 
 
 @dataclass
@@ -138,6 +159,12 @@ class Probe:
         return {}, {}
 
     def run(self, ctx: ProbeContext, prompt: str, cls: str, state: tuple[dict, dict]) -> ProbeOutput:
+        raise NotImplementedError
+
+    def rows(self, w: Workload) -> dict[str, int]:
+        """UNet rows per unlearned model, as the NFE counter counts them: ``sample`` (θ*'s images),
+        ``train`` (optimisation steps: one forward and one backward pass per image, counted 2) and
+        ``theta`` (θ's own images the probe needs: ψ-prefixes, SD's context images)."""
         raise NotImplementedError
 
 

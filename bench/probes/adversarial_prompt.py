@@ -48,7 +48,7 @@ import torch.nn.functional as TF
 
 from bench import progress
 from bench.hparams import ConfigError
-from bench.probes import Axis, Probe, ProbeContext, ProbeOutput
+from bench.probes import Axis, Probe, ProbeContext, ProbeOutput, Workload
 from bench.probes import _fewshot as F
 
 SEED_OFFSET = 700_000
@@ -120,6 +120,10 @@ class AdversarialPrompt(Probe):
         return Axis("attack_iterations", "attack iterations (discrete adversarial prefix tried after each timestep round)",
                     tuple(float(r * self.iterations) for r in range(self.timesteps + 1)), "iterations")
 
+    def rows(self, w: Workload) -> dict[str, int]:
+        return {"sample": w.sample(w.forget * (self.timesteps + 1) * self.seeds), "train": w.forget * 2 * self.timesteps * self.iterations * self.seeds,
+                "theta": 0 if w.renders else w.sample(w.forget * self.seeds)}
+
     def _timesteps(self, ctx: ProbeContext) -> list[int]:
         T = int(ctx.pipe.scheduler.config.num_train_timesteps)
         stride = max(1, T // self.timesteps)
@@ -141,7 +145,8 @@ class AdversarialPrompt(Probe):
         dist = torch.full((self.tokens, vocab), 1.0 / vocab, device=table.device, requires_grad=True)
         opt = torch.optim.Adam([dist], lr=self.lr, weight_decay=self.weight_decay)
         text = " ".join(names) + " " + prompt
-        images, found, before, rows = {0.0: ctx.images(ctx.star, prompt, seeds)}, {"0": prompt}, ctx.counter.total, 0
+        before, rows = ctx.counter.total, 0
+        images, found = {0.0: ctx.images(ctx.star, prompt, seeds)}, {"0": prompt}
         unet = ctx.star
         flags = [p.requires_grad for p in unet.parameters()]
         unet.requires_grad_(False)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from bench.hparams import ConfigError
-from bench.probes import Axis, Probe, ProbeContext, ProbeOutput
+from bench.probes import Axis, Probe, ProbeContext, ProbeOutput, Workload
 from bench.probes import _fewshot as F
 
 SEED_OFFSET = {"completion": 500_000, "inpainting": 600_000}
@@ -121,6 +121,9 @@ class _ContextProbe(Probe):
             raise ConfigError(f"`{self.key('seeds')}` must be an integer >= 2, got {seeds!r}")
         return seeds
 
+    def _theta_rows(self, w: Workload) -> int:
+        return 0 if w.renders else w.sample(w.forget * self.seeds)  # SD: θ's own images are the context
+
     def check_world(self, concept: Any, world: str) -> None:
         if world == "shapes" and concept.render is None:
             raise ConfigError(f"`{self.key('seeds')}`: concept {concept.name!r} has no renderer (no `concept.detect` on a Shapes "
@@ -145,6 +148,10 @@ class Completion(_ContextProbe):
 
     def axis(self, ctx: ProbeContext) -> Axis:
         return Axis("context_kept", "share of the trajectory kept from the concept image (1 − strength)", tuple(self.kept), "kept")
+
+    def rows(self, w: Workload) -> dict[str, int]:
+        left = [w.steps - int(round(k * w.steps)) for k in self.kept]
+        return {"sample": sum(w.sample(w.forget * self.seeds, s) for s in left if s > 0), "train": 0, "theta": self._theta_rows(w)}
 
     def run(self, ctx: ProbeContext, prompt: str, cls: str, state: tuple[dict, dict]) -> ProbeOutput:
         from bench.sampling import make_scheduler
@@ -181,6 +188,9 @@ class Inpainting(_ContextProbe):
 
     def axis(self, ctx: ProbeContext) -> Axis:
         return Axis("image_kept", "share of the concept image kept unmasked (1 − mask fraction)", tuple(_kept(m) for m in self.fractions), "kept")
+
+    def rows(self, w: Workload) -> dict[str, int]:
+        return {"sample": w.sample(w.forget * len(self.fractions) * self.seeds), "train": 0, "theta": self._theta_rows(w)}
 
     def run(self, ctx: ProbeContext, prompt: str, cls: str, state: tuple[dict, dict]) -> ProbeOutput:
         seeds = ctx.seeds(SEED_OFFSET["inpainting"], self.seeds)

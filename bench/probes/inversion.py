@@ -44,7 +44,7 @@ import torch
 
 from bench import progress
 from bench.hparams import ConfigError
-from bench.probes import Axis, Probe, ProbeContext, ProbeOutput
+from bench.probes import Axis, Probe, ProbeContext, ProbeOutput, Workload
 from bench.probes import _fewshot as F
 
 SEED_OFFSET = 200_000
@@ -108,6 +108,10 @@ class ConceptInversion(Probe):
 
     def prompt_with_tokens(self, ctx: ProbeContext, prompt: str, tokens: list[str]) -> str:
         return substitute(prompt, ctx.concept, tokens, ctx.world)
+
+    def rows(self, w: Workload) -> dict[str, int]:
+        return {"sample": w.sample(w.forget * len(self.checkpoints) * self.seeds), "train": 2 * self.checkpoints[-1] * self.batch_size,
+                "theta": 0 if w.renders else w.sample(self.images)}
 
     # --------------------------------------------------------------------------- prepare: learn the embedding
     def prepare(self, ctx: ProbeContext) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -37,7 +37,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from bench.hparams import ConfigError
-from bench.probes import Axis, Probe, ProbeContext, ProbeOutput
+from bench.probes import Axis, Probe, ProbeContext, ProbeOutput, Workload
 
 SEED_OFFSET = 400_000
 
@@ -105,6 +105,9 @@ class NoiseBased(Probe):
 
     def axis(self, ctx: ProbeContext) -> Axis:
         return Axis("eta", f"DDIM η (best of {len(self.scales)} variance scales by the detector)", tuple(self.etas), "η")
+
+    def rows(self, w: Workload) -> dict[str, int]:
+        return {"sample": w.sample(w.forget * len(self.etas) * len(self.scales) * self.seeds), "train": 0, "theta": 0}
 
     def run(self, ctx: ProbeContext, prompt: str, cls: str, state: tuple[dict, dict]) -> ProbeOutput:
         from bench.sampling import decode, generate

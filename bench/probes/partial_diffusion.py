@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from bench.hparams import ConfigError
-from bench.probes import Axis, Probe, ProbeContext, ProbeOutput
+from bench.probes import Axis, Probe, ProbeContext, ProbeOutput, Workload
 from bench.sampling import (
     SPLITS,
     NFECounter,
@@ -147,6 +147,16 @@ class PartialDiffusion(Probe):
         sched = make_scheduler(ctx.pipe, ctx.sampler.steps)
         steps = tuple(prefix_steps(sched, p, self.split) for p in self.psi)
         return Axis("psi", "ψ (share of the trajectory denoised by the original model)", tuple(self.psi), "ψ", steps)
+
+    def rows(self, w: Workload) -> dict[str, int]:
+        # θ runs each prompt's seeds to the largest ψ once (cached, shared by every method); θ* continues
+        # from every ψ. The split is taken as ⌊ψ·T⌋ (exact for split=step; within a step for timestep).
+        k = [int(round(p * w.steps, 9) // 1) for p in self.psi]
+        n_retain = self.seeds if self.retain_seeds is None else self.retain_seeds
+        images = w.forget * self.seeds + w.retain * n_retain
+        if self.paper_seed is not None:
+            images += w.forget + w.retain
+        return {"sample": sum(w.sample(images, w.steps - s) for s in k), "train": 0, "theta": w.sample(images, max(k))}
 
     def _snapshots(self, ctx: ProbeContext, prompt: str, seeds: list[int]) -> tuple[dict, int]:
         """θ-prefix snapshots at every ψ, computed once per (model, prompt, seeds, protocol) and cached."""

@@ -30,7 +30,7 @@ import torch
 
 from bench import progress
 from bench.hparams import ConfigError
-from bench.probes import Axis, Probe, ProbeContext, ProbeOutput
+from bench.probes import Axis, Probe, ProbeContext, ProbeOutput, Workload
 from bench.probes import _fewshot as F
 
 SEED_OFFSET = 300_000
@@ -120,6 +120,10 @@ class Relearning(Probe):
         meta = {"trained_tensors": len(names), "trained_elements": int(sum(p.numel() for p in trained)),
                 "loss": [round(x, 5) for x in history[:: max(1, len(history) // 100)]], "train_rows": rows, "words": words}
         return saved, meta
+
+    def rows(self, w: Workload) -> dict[str, int]:
+        return {"sample": w.sample(w.forget * len(self.checkpoints) * self.seeds), "train": 2 * self.checkpoints[-1] * self.batch_size,
+                "theta": 0 if w.renders else w.sample(self.images)}
 
     def run(self, ctx: ProbeContext, prompt: str, cls: str, state: tuple[dict, dict]) -> ProbeOutput:
         tensors, _ = state
