@@ -88,7 +88,7 @@ def main() -> int:
              "Rule (fixed before the runs): θ (noop) must recover at the axis' first value on every concept, and the gold standard "
              "must not recover before the first third of the axis on any concept; the default is the strongest eligible setting.", "",
              "Recovery point [95% CI] per method and concept (eval=quick forget prompts; detection ≥ 0.5), and the probe's own wall "
-             "time (2 threads).", ""]
+             f"time ({a.threads} torch thread{'s' if a.threads > 1 else ''}, other jobs may have shared the machine).", ""]
     heads = ["setting", *[f"{m} / {c}" for c in a.concepts for m in a.methods], "probe time (median)", "eligible"]
     lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for v, rows, ok, why in table:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run and publish the Shapes board: every given method on every given concept and seed, at eval=quick
-# with the given probes, then copy the finished runs into leaderboard/results/ and rebuild the site.
+# with the given probes (default probes=all), then copy the finished runs into leaderboard/results/ and rebuild the site.
 #   bash scripts/publish_shapes.sh [methods...]          (default: the reference rows noop retrain)
-#   CONCEPTS="star stripes red" SEEDS="0 1 2" PROBES="[partial_diffusion,inversion,relearn]" bash scripts/publish_shapes.sh esd_x uce
+#   CONCEPTS="star stripes red" SEEDS="0 1 2" PROBES="[partial_diffusion,inversion]" bash scripts/publish_shapes.sh esd_x uce
 # Each job is `python -m bench method=<m> concept=<c> seed=<s> probes=<PROBES> eval=quick` (finished
 # stages are reused; adding a probe recomputes nothing else). Gold-standard rows run first, so every
 # method's record names its gold. Images are published for seed 0 only (the page shows that seed's;
@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
 METHODS=${*:-noop retrain}
 CONCEPTS=${CONCEPTS:-star stripes red}
 SEEDS=${SEEDS:-0 1 2}
-PROBES=${PROBES:-[partial_diffusion,inversion,relearn,noise,completion,inpainting,adversarial_prompt]}
+PROBES=${PROBES:-all}
 LOG=${LOG:-runs/publish.log}
 mkdir -p "$(dirname "$LOG")"
 dirs=()

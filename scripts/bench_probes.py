@@ -1,0 +1,111 @@
+"""Wall time per probe and per job, from records (what every job measures about itself) or from fresh runs.
+
+    python scripts/bench_probes.py --records leaderboard/results/shapes          # the published board
+    python scripts/bench_probes.py --run --method esd_x --concept star --repeat 3  # cold jobs, one at a time
+
+``--records`` summarises every record under a folder: per probe, the median / min / max of its
+``cost.probes.<name>.seconds`` (its per-model preparation + its runs on every prompt + scoring), and
+per job the wall time without the method's own unlearning; only records made with ``--threads``
+torch threads count (``env.threads``; default 2). ``--run`` runs ``python -m bench … probes=all``
+in a fresh output and cache folder each time (nothing reused: θ's λ_O and ψ-prefixes are computed
+too) and summarises those records. Timings mean something only with nothing else on the machine.
+Prints a Markdown table; ``--json`` also writes the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GOAL_PROBE_S, GOAL_JOB_S = 120.0, 180.0  # the issues' goals at eval=quick on 2 cores
+
+
+def _records(folder: Path, threads: int | None) -> list[dict]:
+    out = []
+    for p in sorted(folder.rglob("record.json")):
+        r = json.loads(p.read_text())
+        if r.get("status") == "failed" or (threads is not None and (r.get("env") or {}).get("threads") != threads):
+            continue
+        out.append(r)
+    return out
+
+
+def summarise(records: list[dict]) -> dict:
+    probes: dict[str, list[float]] = {}
+    jobs = []
+    for r in records:
+        c = r.get("cost") or {}
+        for name, b in (c.get("probes") or {}).items():
+            if b.get("seconds") is not None:
+                probes.setdefault(name, []).append(float(b["seconds"]))
+        total = c.get("total_seconds")
+        if total is not None:
+            jobs.append(float(total) - float((c.get("unlearn") or {}).get("seconds") or 0.0))
+
+    def stats(xs: list[float]) -> dict:
+        return {"n": len(xs), "median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else {"n": 0}
+
+    return {"probes": {k: stats(v) for k, v in probes.items()}, "job_without_unlearn": stats(jobs)}
+
+
+def table(s: dict, where: str) -> str:
+    lines = [f"Wall seconds ({where}); goal ≤ {GOAL_PROBE_S:.0f} s per probe, ≤ {GOAL_JOB_S:.0f} s per job without unlearning.", "",
+             "| stage | jobs | median | min | max | goal met (median) |", "|---|---|---|---|---|---|"]
+    rows = [*s["probes"].items(), ("job without unlearning", s["job_without_unlearn"])]
+    for name, st in rows:
+        if not st.get("n"):
+            continue
+        goal = GOAL_JOB_S if name.startswith("job") else GOAL_PROBE_S
+        lines.append(f"| {name} | {st['n']} | {st['median']:.0f} | {st['min']:.0f} | {st['max']:.0f} | {'yes' if st['median'] <= goal else 'no'} |")
+    return "\n".join(lines)
+
+
+def run(method: str, concept: str, repeat: int, threads: int, probes: str) -> list[dict]:
+    recs = []
+    for i in range(repeat):
+        with tempfile.TemporaryDirectory(prefix="concealbench-bench-") as tmp:
+            args = [sys.executable, "-m", "bench", f"method={method}", f"concept={concept}", f"probes={probes}", "eval=quick",
+                    "logger=none", f"threads={threads}", f"out_dir={tmp}/runs", f"cache_dir={tmp}/cache"]
+            print(f"run {i + 1}/{repeat}: {' '.join(args[2:])}", file=sys.stderr, flush=True)
+            r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            if r.returncode != 0:
+                raise SystemExit(f"the job failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+            recs += _records(Path(tmp) / "runs", None)
+    return recs
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--records", type=Path, help="summarise the records under this folder")
+    p.add_argument("--run", action="store_true", help="run fresh jobs instead (cold cache)")
+    p.add_argument("--method", default="esd_x")
+    p.add_argument("--concept", default="star")
+    p.add_argument("--probes", default="all")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path)
+    a = p.parse_args()
+    if a.run == (a.records is not None):
+        p.error("give exactly one of --records DIR and --run")
+    if a.run:
+        recs, where = run(a.method, a.concept, a.repeat, a.threads, a.probes), f"{a.repeat} cold {a.method}/{a.concept} job(s), {a.threads} threads"
+    else:
+        recs, where = _records(a.records, a.threads), f"{a.records}, records made with {a.threads} torch threads"
+    if not recs:
+        print(f"error: no records found ({where})", file=sys.stderr)
+        return 2
+    s = summarise(recs)
+    print(table(s, where))
+    if a.json:
+        a.json.write_text(json.dumps({"where": where, **s}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
