@@ -37,11 +37,45 @@ def run_job(method: str, concept: str, probe: str, key: str | None, value: str |
     if r.returncode != 0:
         raise SystemExit(f"{method}/{concept} {key}={value} failed:\n{r.stderr[-3000:]}")
     path = Path(r.stdout.strip().splitlines()[-2].split("record:", 1)[1].strip())
+    return {**row_of(path, probe), "value": value, "seconds": time.time() - t}
+
+
+def row_of(path: Path, probe: str) -> dict:
     rec = json.loads(path.read_text())
     block = rec["probes"][probe]
-    return {"method": method, "concept": concept, "value": value, "seconds": time.time() - t,
+    return {"method": rec["method"]["name"], "concept": rec["concept"]["name"], "value": None,
             "probe_seconds": block["cost"]["seconds"], "recover": block["metrics"]["recover"], "axis": block["axis"]["values"],
             "curve": [pt.get("detection") for pt in block["curve"]], "erasure": rec["metrics"]["erasure"]["value"], "record": str(path)}
+
+
+def default_settings(probe: str) -> dict:
+    """The probe's settings at its current Shapes defaults (eval=quick), as its protocol records them."""
+    from hydra import compose, initialize_config_dir
+
+    from bench.probes import build_probes
+
+    with initialize_config_dir(version_base=None, config_dir=str(ROOT / "conf")):
+        cfg = compose("config", overrides=[f"probes=[{probe}]"])
+    return build_probes(cfg.probes)[0].describe()
+
+
+def from_records(folder: Path, probe: str, methods: list[str], concepts: list[str]) -> list[dict]:
+    """The seed-0 rows of ``methods`` × ``concepts`` that ran ``probe`` at its current defaults, from finished records."""
+    rows, want = {}, default_settings(probe)
+    for path in sorted(folder.rglob("record.json")):
+        rec = json.loads(path.read_text())
+        if rec.get("seed") != 0 or probe not in (rec.get("probes") or {}):
+            continue
+        got = rec["probes"][probe]["protocol"].get("probe") or {k: rec["probes"][probe]["protocol"].get(k) for k in want}
+        if {k: got.get(k) for k in want} != want:
+            continue
+        m, c = rec["method"]["name"], rec["concept"]["name"]
+        if m in methods and c in concepts:
+            rows[(m, c)] = row_of(path, probe)
+    missing = [f"{m}/{c}" for c in concepts for m in methods if (m, c) not in rows]
+    if missing:
+        raise SystemExit(f"no seed-0 record with the {probe} probe under {folder} for: {', '.join(missing)}")
+    return [rows[(m, c)] for c in concepts for m in methods]
 
 
 def _fmt(m: dict) -> str:
@@ -72,18 +106,23 @@ def main() -> int:
     p.add_argument("--methods", nargs="+", default=["noop", "retrain", "esd_x", "uce"])
     p.add_argument("--concepts", nargs="+", default=["star", "red"])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--records", type=Path, default=None, help="judge the defaults from finished records under this folder instead of running jobs")
     a = p.parse_args()
+    if a.records is not None and a.grid:
+        p.error("--records judges the current defaults only; it takes no --grid")
     key, values = (a.grid.split("=", 1)[0], a.grid.split("=", 1)[1].split(",")) if a.grid else (None, [None])
-    table, choice = [], None
+    table, choice, chosen = [], None, False
     for v in values:
-        rows = [run_job(m, c, a.probe, key, v, a.threads) for c in a.concepts for m in a.methods]
+        rows = (from_records(a.records, a.probe, a.methods, a.concepts) if a.records is not None
+                else [run_job(m, c, a.probe, key, v, a.threads) for c in a.concepts for m in a.methods])
         ok, why = eligible(rows)
         table.append((v, rows, ok, why))
-        print(f"{key}={v}: {why}", file=sys.stderr)
+        print(f"{f'{key}={v}' if key else 'defaults'}: {why}", file=sys.stderr)
         if ok:
-            choice = v
+            choice, chosen = v, True
     lines = [f"# Calibration of the `{a.probe}` probe (Shapes)", "",
              f"Command: `python scripts/calibrate_probes.py --probe {a.probe}" + (f" --grid {a.grid}" if a.grid else "")
+             + (f" --records {a.records}" if a.records is not None else "")
              + f" --methods {' '.join(a.methods)} --concepts {' '.join(a.concepts)} --threads {a.threads}`", "",
              "Rule (fixed before the runs): θ (noop) must recover at the axis' first value on every concept, and the gold standard "
              "must not recover before the first third of the axis on any concept; the default is the strongest eligible setting.", "",
@@ -95,11 +134,12 @@ def main() -> int:
         times = sorted(r["probe_seconds"] for r in rows)
         lines.append(f"| {key}={v} | " if key else "| defaults | ")
         lines[-1] += " | ".join(_fmt(r["recover"]) for r in rows) + f" | {times[len(times) // 2]:.0f} s | {'yes' if ok else 'no: ' + why} |"
-    lines += ["", f"**Choice:** {f'{key}={choice}' if key and choice else ('the defaults' if choice else 'none eligible: the weakest setting is kept and reported')}.", "",
+    verdict = (f"{key}={choice}" if key else "the defaults stand") if chosen else "none eligible: the weakest setting is kept and reported"
+    lines += ["", f"**Choice:** {verdict}.", "",
               "Detection curves (forget-prompt mean) along the axis:", ""]
     for v, rows, _, _ in table:
         for r in rows:
-            lines.append(f"- {key}={v} {r['method']}/{r['concept']}: " + ", ".join(f"{x:g}→{d:.2f}" for x, d in zip(r["axis"], r["curve"], strict=False) if d is not None))
+            lines.append(f"- {f'{key}={v} ' if key else ''}{r['method']}/{r['concept']}: " + ", ".join(f"{x:g}→{d:.2f}" for x, d in zip(r["axis"], r["curve"], strict=False) if d is not None))
     out = ROOT / "docs" / "calibration" / f"probes-{a.probe}.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")

@@ -1,0 +1,134 @@
+"""The README's result tables, from the published records (or any folder of records).
+
+    python scripts/results_tables.py leaderboard/results/shapes [--seed 0] [--concepts star stripes red]
+
+Prints Markdown: (1) each probe's recovery point [95% CI] per method and concept, the gold
+standard's and the original model's rows included; (2) the verdict per probe with its probability;
+(3) for each row some probe calls concealed, the cheapest probe that does (by its median wall time
+over the records) and every probe that does; rows every probe calls removed; (4) the replicated
+seeds' verdict agreement when several seeds are present. Verdicts are the records' own (judged by
+``bench.verdict`` against the gold record of the same seed and probe protocol when the job ran);
+records made before their gold are re-judged here with the same code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import verdict as V  # noqa: E402
+
+METHODS = ("noop", "retrain", "esd_x", "esd_u", "uce", "fmn", "ca_model", "ca_noise")
+SHORT = {"not_erased": "not erased", "no_gold": "no gold"}
+
+
+def load(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.rglob("record.json"))]
+
+
+def fmt_recover(m: dict | None) -> str:
+    if not m:
+        return "–"
+    v, ci = m.get("value"), m.get("ci") or [None, None]
+    if v is None:
+        return "never"
+    hi = "never" if ci[1] is None else f"{ci[1]:.3g}"
+    lo = "–" if ci[0] is None else f"{ci[0]:.3g}"
+    return f"{v:.3g} [{lo}, {hi}]"
+
+
+def judge(rec: dict, gold: dict | None, probe: str, th: dict) -> V.Verdict:
+    block, gblock = rec["probes"][probe], (gold or {}).get("probes", {}).get(probe)
+    if gblock is not None and gblock["protocol"]["hash"] != block["protocol"]["hash"]:
+        gblock = None
+    return V.judge_forget(rec["metrics"], block, gblock, probe, th)
+
+
+def vtext(v: V.Verdict) -> str:
+    key = SHORT.get(v.key, v.key)
+    if v.key == "inconclusive":  # say which gate did not decide
+        key += " on " + next((w for w in ("erasure", "specificity") if v.detail.startswith(w)), "recovery")
+    return f"{key} ({v.probability:.2f})" if v.probability is not None else key
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--concepts", nargs="+", default=None)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    a = ap.parse_args()
+    th = V.thresholds()
+    recs = load(a.folder)
+    by = {(r["concept"]["name"], r["method"]["name"], r["seed"]): r for r in recs}
+    concepts = a.concepts or sorted({c for c, _, _ in by})
+    probes: list[str] = []
+    for r in recs:
+        for p in r.get("probes") or {}:
+            if p not in probes:
+                probes.append(p)
+    times: dict[str, list[float]] = defaultdict(list)
+    for r in recs:
+        for p, b in (r.get("probes") or {}).items():
+            if b.get("cost", {}).get("seconds") is not None:
+                times[p].append(b["cost"]["seconds"])
+    cheap = sorted(probes, key=lambda p: statistics.median(times[p]) if times[p] else 1e9)
+    display = {p: next(r["probes"][p].get("display", p) for r in recs if p in (r.get("probes") or {})) for p in probes}
+
+    out = [f"#### Recovery point per probe (95% CI; seed {a.seed})", "",
+           "| concept | method | erasure | " + " | ".join(display[p] for p in probes) + " |",
+           "|---|---|---|" + "---|" * len(probes)]
+    verdicts: dict[tuple[str, str], dict[str, V.Verdict]] = {}
+    for c in concepts:
+        gold = by.get((c, "retrain", a.seed))
+        for m in a.methods:
+            r = by.get((c, m, a.seed))
+            if r is None:
+                continue
+            er = r["metrics"].get("erasure") or {}
+            cells = [fmt_recover((r["probes"].get(p) or {}).get("metrics", {}).get("recover")) if p in r["probes"] else "–" for p in probes]
+            out.append(f"| {c} | {m} | {er.get('value', 0):.2f} | " + " | ".join(cells) + " |")
+            verdicts[(c, m)] = {p: judge(r, gold, p, th) for p in probes if p in r["probes"]}
+    out += ["", "#### Verdict per probe (its probability)", "",
+            "| concept | method | " + " | ".join(display[p] for p in probes) + " |", "|---|---|" + "---|" * len(probes)]
+    for (c, m), vs in verdicts.items():
+        out.append(f"| {c} | {m} | " + " | ".join(vtext(vs[p]) if p in vs else "–" for p in probes) + " |")
+    out += ["", "#### Which probe exposes each concealing row", "",
+            f"Probes in order of their median wall time per job: {', '.join(display[p] for p in cheap)}.", "",
+            "| concept | method | cheapest probe that exposes it | every probe that does |", "|---|---|---|---|"]
+    removed_everywhere = []
+    for (c, m), vs in verdicts.items():
+        conc = [p for p in cheap if p in vs and vs[p].key == "concealed"]
+        if conc:
+            out.append(f"| {c} | {m} | {display[conc[0]]} | {', '.join(display[p] for p in conc)} |")
+        if vs and all(v.key == "removed" for v in vs.values()) and len(vs) == len(probes):
+            removed_everywhere.append(f"{m} on {c}")
+    out += ["", "Rows every probe calls removed: " + (", ".join(removed_everywhere) or "none") + "."]
+    seeds = sorted({s for _, _, s in by})
+    if len(seeds) > 1:
+        out += ["", f"#### Replication (seeds {', '.join(map(str, seeds))})", "",
+                "| concept | method | probe | recovery point per seed | verdict per seed | agree |", "|---|---|---|---|---|---|"]
+        for c in concepts:
+            for m in a.methods:
+                rs = [by.get((c, m, s)) for s in seeds]
+                if any(r is None for r in rs):
+                    continue
+                for p in probes:
+                    if not all(p in r["probes"] for r in rs):
+                        continue
+                    vs = [judge(r, by.get((c, "retrain", r["seed"])), p, th) for r in rs]
+                    recs_ = [fmt_recover(r["probes"][p]["metrics"].get("recover")) for r in rs]
+                    agree = "yes" if len({v.key for v in vs}) == 1 else "no → inconclusive"
+                    out.append(f"| {c} | {m} | {display[p]} | {' · '.join(recs_)} | {' · '.join(vtext(v) for v in vs)} | {agree} |")
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
