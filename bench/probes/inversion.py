@@ -58,7 +58,7 @@ class ConceptInversion(Probe):
     reference = "Pham et al., ICLR 2024 (CCE); Lu et al., NeurIPS 2025"
 
     def __init__(self, checkpoints: list[int] = (0, 25, 50, 100, 200, 300), images: int = 8, batch_size: int = 8,
-                 lr: float = 5e-3, init: str = "concept", placeholder: str = "<concealbench-{i}>", seeds: int = 8):
+                 lr: float = 0.02, init: str = "concept", placeholder: str = "<concealbench-{i}>", seeds: int = 8):
         steps = F.check_settings(self, checkpoints, images, batch_size, lr, seeds)
         if init not in ("concept", "anchor"):
             raise ConfigError(f"`{self.key('init')}` must be one of concept, anchor, got {init!r}")
