@@ -2,7 +2,7 @@
 
 ``tests/data/before_seam/`` holds records written by the code before the seam (commit 6cd1956):
 two eval=smoke jobs made for this test (threads=1), and the published eval=quick record of the original model
-on `star` (2 threads). Float results depend on the thread count, so each runs with its own. The same configurations run through the seam must give the same protocol hash and the
+on `star` (2 threads). Float results depend on the thread count, so each runs with its own, and compare up to float32 round-off. The same configurations run through the seam must give the same protocol hash and the
 same values — per prompt (value, interval, n, ψ-curve) and aggregated (value, ψ-curve). What the
 verdicts issue redefined on purpose is not compared: aggregate intervals (now a two-level
 bootstrap), ``n`` of aggregates (now independent units) and the job key (no longer depends on the
@@ -42,6 +42,17 @@ def _curve(old: list[dict]) -> list[dict]:
     return [{"x": p["psi"], **{k: p[k] for k in ("p_original", "retrieval", "detection")}} for p in old]
 
 
+def same(expected):
+    """Equal up to float32 round-off. Classifier features are float32 sums whose order can change
+    with the CPU's vector width and the thread pool's state (the published record's S_O/S_U came
+    back 6e-9 apart on CI's machine with the same thread count); a real change moves them by far more."""
+    if isinstance(expected, dict):
+        return {k: same(v) for k, v in expected.items()}
+    if isinstance(expected, (list, tuple)):
+        return type(expected)(same(v) for v in expected)
+    return pytest.approx(expected, rel=1e-6, abs=1e-9) if isinstance(expected, float) else expected
+
+
 def assert_same_numbers(old: dict, new: dict) -> None:
     pd = new["probes"]["partial_diffusion"]
     assert pd["protocol"]["hash"] == old["protocol"]["hash"]
@@ -49,18 +60,19 @@ def assert_same_numbers(old: dict, new: dict) -> None:
     for po, pn in zip(old["prompts"], new["prompts"], strict=True):
         for name, m in po["metrics"].items():
             got = pn["metrics"][name] if name in PROMPT_LEVEL else pn["probes"]["partial_diffusion"]["metrics"]["recover" if name == "psi_recover" else name]
-            assert got["value"] == m["value"] and got["ci"] == m["ci"] and got["n"] == m["n"], (po["prompt"], name)
+            assert got["n"] == m["n"], (po["prompt"], name)
+            assert (got["value"], got["ci"]) == same((m["value"], m["ci"])), (po["prompt"], name)
             if "curve" in m:
-                assert got["curve"] == m["curve"], (po["prompt"], name)
+                assert got["curve"] == same(m["curve"]), (po["prompt"], name)
         new_curve = [{k: p[k] for k in ("x", "p_original", "retrieval", "detection")} for p in pn["probes"]["partial_diffusion"]["curve"]]
-        assert new_curve == _curve(po["psi_curve"]), po["prompt"]
+        assert new_curve == same(_curve(po["psi_curve"])), po["prompt"]
     for block, new_block in (("metrics", "metrics"), ("retain", "retain")):
         for name, m in old[block].items():
             target = new[new_block] if name in PROMPT_LEVEL else pd[new_block]
             got = target["recover" if name == "psi_recover" else name]
-            assert got["value"] == pytest.approx(m["value"], rel=1e-12, abs=1e-15), (block, name)
+            assert got["value"] == same(m["value"]), (block, name)
     for a, b in zip(pd["curve"], _curve(old["psi_curve"]), strict=True):
-        assert {k: a[k] for k in b} == pytest.approx(b, rel=1e-12, abs=1e-15)
+        assert {k: a[k] for k in b} == same(b)
 
 
 @needs_world
