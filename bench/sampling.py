@@ -146,6 +146,25 @@ class NFECounter:
         self.by_stage[stage] = self.by_stage.get(stage, 0) + rows
 
 
+class UNetRows:
+    """Counts a UNet's evaluations inside a ``with`` block as batch rows (a CFG forward of batch b
+    counts 2b), for methods that run the UNet themselves (Concept Ablation's anchor images,
+    SalUn's mask and training)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet, self.count, self._handle = unet, 0, None
+
+    def __enter__(self) -> UNetRows:
+        self._handle = self.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def _hook(self, _module, args, kwargs):
+        self.count += int((args[0] if args else kwargs["sample"]).shape[0])
+
+
 # ----------------------------------------------------------------------------- scheduler state
 def _per_sample(value, chw: tuple[int, ...]) -> bool:
     # Scheduler tensors shaped like the latents (PNDM's ets/cur_sample, DPM's model_outputs)

@@ -116,6 +116,21 @@ def perturbed_unet(unet, scale: float = 0.05, seed: int = 1):
     return star
 
 
+def weights(module) -> dict[str, torch.Tensor]:
+    """A detached copy of a module's state dict, to compare before and after a method ran."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def pipe_weights(pipe) -> dict[str, torch.Tensor]:
+    """``weights`` of the UNet, text encoder and VAE, keyed ``<component>.<tensor>``."""
+    return {f"{m}.{k}": v for m in ("unet", "text_encoder", "vae") for k, v in weights(getattr(pipe, m)).items()}
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    """The names whose tensors differ bit for bit."""
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
 def tiny_concept(**overrides):
     """The ``star`` concept the method tests unlearn from tiny pipelines (fields overridable)."""
     from bench.concepts import Concept

@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from bench import progress
 from bench.context import MethodContext, context_or_default
 from bench.hparams import ConfigError, Range
+from bench.sampling import UNetRows
 
 ANCHOR_PROMPTS_DIR = Path(__file__).parent / "assets" / "anchor_prompts"
 _CACHE_VERSION = 1  # bump when the anchor-image recipe changes
@@ -133,7 +134,7 @@ def unlearn(
 
     unet = pipe.unet
     names = _trainable_names(unet, parameter_group)
-    with _NfeCounter(unet) as nfe:
+    with UNetRows(unet) as nfe:
         t0 = time.perf_counter()
         anchor_images, anchor_info = _anchor_images(
             pipe, prompts, num_anchor_images, anchor_sampler, anchor_steps, anchor_guidance, anchor_batch_size,
@@ -237,7 +238,7 @@ def _anchor_key(pipe: Any, prompts: list[str], n: int, sampler: Any, steps: int,
 
 def _anchor_images(
     pipe: Any, prompts: list[str], n: int, sampler_name: str, steps: int, guidance: float, batch: int,
-    negative: str | None, nfe: _NfeCounter, cache: Path,
+    negative: str | None, nfe: UNetRows, cache: Path,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """uint8 (n, H, W, 3) images of the base model; image i = prompt i mod len, seed i."""
     from diffusers import DPMSolverMultistepScheduler
@@ -479,19 +480,3 @@ def _bos_stop_gradient(unet: torch.nn.Module):
             h.remove()
 
 
-class _NfeCounter:
-    """Counts UNet evaluations as batch rows (a CFG forward of batch b counts 2b)."""
-
-    def __init__(self, unet: torch.nn.Module):
-        self.unet, self.count, self._handle = unet, 0, None
-
-    def __enter__(self) -> _NfeCounter:
-        self._handle = self.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()
-
-    def _hook(self, _module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        self.count += int(sample.shape[0])

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from bench.context import MethodContext
 from bench.hparams import ConfigError, check_params
+from bench.sampling import UNetRows
 from bench.testing import tiny_concept, tiny_sd_pipeline
 from methods import concept_ablation as ca
 
@@ -206,7 +207,7 @@ def _objective(pipe, images: torch.Tensor, anchor: list[str], target: list[str])
 def test_model_based_objective_decreases():
     pipe = tiny_sd_pipeline()
     prompts = ["a shape", "a red shape"]
-    with ca._NfeCounter(pipe.unet) as nfe:
+    with UNetRows(pipe.unet) as nfe:
         images, _ = ca._anchor_images(pipe, prompts, 4, "dpm-solver", 2, 6.0, 4, None, nfe=nfe, cache=_CTX["ctx"].cache("anchors"))
     anchor = [prompts[i % 2] for i in range(4)]
     target = [p.replace("shape", "star") for p in anchor]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.hparams import ConfigError, check_params
-from bench.testing import sd_scheduler, tiny_concept, tiny_sd_pipeline
+from bench.testing import pipe_weights, sd_scheduler, tiny_concept, tiny_sd_pipeline
 from methods.esd import _ddim_sampler, _embed, _plan, _sample, unlearn
 
 FAST = {"iterations": 3, "ddim_steps": 4, "lr": 1e-3}
@@ -21,10 +21,6 @@ def _concept(target: str = "star"):
 def _run(pipe, seed: int = 0, target: str = "star", **kw) -> dict:
     torch.manual_seed(seed)
     return unlearn(pipe, _concept(target), **{**FAST, **kw})
-
-
-def _state(pipe) -> dict[str, torch.Tensor]:
-    return {f"{m}.{k}": v.clone() for m in ("unet", "text_encoder", "vae") for k, v in getattr(pipe, m).state_dict().items()}
 
 
 def _expected(names: list[str], variant: str) -> set[str]:
@@ -41,10 +37,10 @@ def _expected(names: list[str], variant: str) -> set[str]:
 @pytest.mark.parametrize("variant", ["esd-x", "esd-u", "esd-x-strict", "full"])
 def test_only_the_variants_parameters_change(variant):
     pipe = tiny_sd_pipeline()
-    before = _state(pipe)
+    before = pipe_weights(pipe)
     unet_names = [n for n, _ in pipe.unet.named_parameters()]
     report = _run(pipe, variant=variant)
-    after = _state(pipe)
+    after = pipe_weights(pipe)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     expected = _expected(unet_names, variant)
     assert set(report["trained_parameters"]) == expected

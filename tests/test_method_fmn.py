@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 import methods.fmn as fmn
 from bench.context import MethodContext
 from bench.hparams import ConfigError, check_params
-from bench.testing import tiny_concept, tiny_sd_pipeline
+from bench.testing import changed, tiny_concept, tiny_sd_pipeline, weights
 from methods.fmn import unlearn
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -31,14 +31,6 @@ def _concept(**kw):
     return tiny_concept(**{"render": _render, **kw})
 
 
-def _state(module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _changed(before: dict, after: dict) -> set[str]:
-    return {k for k in before if not torch.equal(before[k], after[k])}
-
-
 def _run(pipe, concept=None, seed: int = 0, **hp) -> dict:
     torch.manual_seed(seed)
     return unlearn(pipe, concept or _concept(), **{**FAST, **hp})
@@ -48,22 +40,22 @@ def _run(pipe, concept=None, seed: int = 0, **hp) -> dict:
 @pytest.mark.parametrize("trainable", ["attn2", "unet"])
 def test_only_intended_parameters_change(trainable, text_len):
     pipe = tiny_sd_pipeline(text_len=text_len)
-    unet0, te0, vae0 = _state(pipe.unet), _state(pipe.text_encoder), _state(pipe.vae)
+    unet0, te0, vae0 = weights(pipe.unet), weights(pipe.text_encoder), weights(pipe.vae)
     procs0 = dict(pipe.unet.attn_processors)
     grads0 = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
     n_tok = len(pipe.tokenizer)
     report = _run(pipe, trainable=trainable)
 
-    changed = _changed(unet0, _state(pipe.unet))
-    assert changed, "FMN changed nothing"
-    assert changed <= set(report["trained_parameters"])
+    moved = changed(unet0, weights(pipe.unet))
+    assert moved, "FMN changed nothing"
+    assert moved <= set(report["trained_parameters"])
     if trainable == "attn2":
         assert all(".attn2." in n for n in report["trained_parameters"])
-        assert {n.rsplit(".", 2)[0] for n in changed} >= {n.rsplit(".", 2)[0] for n in report["trained_parameters"] if "to_q" in n}
+        assert {n.rsplit(".", 2)[0] for n in moved} >= {n.rsplit(".", 2)[0] for n in report["trained_parameters"] if "to_q" in n}
     else:
         assert report["trained_parameters"] == sorted(n for n, _ in pipe.unet.named_parameters())
-        assert any(".attn2." not in n for n in changed)  # the whole UNet trains, not only attn2
-    assert not _changed(te0, _state(pipe.text_encoder)) and not _changed(vae0, _state(pipe.vae))
+        assert any(".attn2." not in n for n in moved)  # the whole UNet trains, not only attn2
+    assert not changed(te0, weights(pipe.text_encoder)) and not changed(vae0, weights(pipe.vae))
     assert len(pipe.tokenizer) == n_tok
     assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == {k: type(v) for k, v in procs0.items()}
     assert {n: p.requires_grad for n, p in pipe.unet.named_parameters()} == grads0
@@ -100,8 +92,8 @@ def test_deterministic():
     ra, rb = _run(a, seed=3), _run(b, seed=3)
     _run(c, seed=4)
     assert ra["loss_history"] == rb["loss_history"]
-    assert not _changed(_state(a.unet), _state(b.unet))
-    assert _changed(_state(a.unet), _state(c.unet))
+    assert not changed(weights(a.unet), weights(b.unet))
+    assert changed(weights(a.unet), weights(c.unet))
 
 
 def test_l2_is_the_unaveraged_norm_and_rms_its_mean():
@@ -175,12 +167,12 @@ def test_processors_and_flags_restored_on_exception(monkeypatch):
 
 def test_textual_inversion_stage_does_not_leak():
     pipe = tiny_sd_pipeline(text_len=16)
-    te0, n_tok = _state(pipe.text_encoder), len(pipe.tokenizer)
+    te0, n_tok = weights(pipe.text_encoder), len(pipe.tokenizer)
     report = _run(pipe, ti=True, ti_steps=6, ti_tokens=3, trainable="attn2")
     assert report["concept_prompts"] == ["a photo of <s1><s2><s3>"]
     assert report["concept_positions"] == [[4, 5, 6, 7]]  # the 3 learned tokens + the real EOS
     assert len(report["ti_loss_history"]) == 6 and report["nfe"] == 6 + 4
-    assert not _changed(te0, _state(pipe.text_encoder)) and len(pipe.tokenizer) == n_tok
+    assert not changed(te0, weights(pipe.text_encoder)) and len(pipe.tokenizer) == n_tok
     assert not pipe.text_encoder.get_input_embeddings()._forward_hooks
 
 
