@@ -245,9 +245,11 @@ def paper_table_counts() -> dict[str, Any]:
     prompts_seen: set[str] = set()
     jobs, method_steps = [], {}
     for pair in pairs:
-        d = yaml.safe_load((conf / "pair" / f"{pair}.yaml").read_text())["defaults"]
+        pair_cfg = yaml.safe_load((conf / "pair" / f"{pair}.yaml").read_text())
+        d = pair_cfg["defaults"]
         method = d[0]["override /method"]
         concept = yaml.safe_load((conf / "concept" / f"{d[1]['override /concept']}.yaml").read_text())
+        concept.update(pair_cfg.get("concept") or {})  # a pair may carry its own prompts (sdd_nudity)
         prompts = list(concept["forget_prompts"]) + list(concept["retain_prompts"] or [])
         new = [p for p in prompts if p not in prompts_seen]
         prompts_seen.update(prompts)

@@ -25,6 +25,8 @@ AUTHORS = {("ESD_u", "Nudity"): ("esd_u", "nudity"), ("ESD_x", "Van Gogh"): ("es
            ("Ablating Concepts", "Greg Rutkowski"): ("concept_ablation", "greg_rutkowski"),
            ("Ablating Concepts", "Grumpy Cat"): ("concept_ablation", "grumpy_cat"),
            ("Ablating Concepts", "R2D2"): ("concept_ablation", "r2d2")}
+# Rows whose prompts live in their pair file (conf/pair/), not in the concept preset.
+PAIR_AUTHORS = {("Safe Self-Distillation", "Nudity"): ("sdd", "nudity")}
 # A few steps of each method: the code path, not the science.
 FAST = {"esd_u": ["method.params.iterations=2", "method.params.ddim_steps=4"],
         "esd_x": ["method.params.iterations=2", "method.params.ddim_steps=4"],
@@ -165,7 +167,7 @@ def test_weight_downloads_offline_give_one_clear_message():
 
 
 # ----------------------------------------------------------------------------- paper_table
-def test_paper_table_composes_and_its_jobs_are_the_authors_rows_plus_fmn_and_uce(tmp_path):
+def test_paper_table_composes_and_its_jobs_are_the_authors_whole_table_plus_fmn_and_uce(tmp_path):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from bench.config import validate
@@ -182,9 +184,11 @@ def test_paper_table_composes_and_its_jobs_are_the_authors_rows_plus_fmn_and_uce
         job = cfg_with("experiment=paper_table", f"pair={pair}", f"out_dir={tmp_path}", f"cache_dir={tmp_path}")
         validate(job)  # every job's config is valid before anything loads
         jobs.append((job.method.name, job.concept.name))
-    assert len(jobs) == len(set(jobs)) == 18
-    authors = {AUTHORS[(r["method"], r["concept"])] for r in table_rows() if (r["method"], r["concept"]) in AUTHORS}
-    assert len(authors) == 6 and authors <= set(jobs)
+    assert len(jobs) == len(set(jobs)) == 19
+    every = {**AUTHORS, **PAIR_AUTHORS}
+    authors = {every[(r["method"], r["concept"])] for r in table_rows() if (r["method"], r["concept"]) in every}
+    assert {(r["method"], r["concept"]) for r in table_rows()} == set(every)  # the whole table, SDD included
+    assert len(authors) == 7 and authors <= set(jobs)
     concepts = sorted({c for _, c in authors})
     assert set(jobs) - authors == {(m, c) for m in ("fmn", "uce") for c in concepts}
     assert cfg_with("experiment=paper_table", "pair=uce_nudity").method.params.guide == ""
@@ -244,7 +248,7 @@ def test_gpu_smoke_tiny_runs_every_stage_on_the_cpu(tmp_path, monkeypatch):
         assert s in stages, stages
     assert all(r["seconds"] >= 0 and r["peak_gb"] > 0 for r in res["stages"] if "error" not in r)
     counts = res["paper_table_estimate"]["counts"]
-    assert counts["jobs"] == 18 and counts["T"] == 101 and counts["prefix_steps"] == [0, 1, 6, 16, 26, 36, 46, 56]
+    assert counts["jobs"] == 19 and counts["T"] == 101 and counts["prefix_steps"] == [0, 1, 6, 16, 26, 36, 46, 56]
 
 
 @pytest.mark.slow
