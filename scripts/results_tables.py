@@ -2,7 +2,8 @@
 
     python scripts/results_tables.py leaderboard/results/shapes [--seed 0] [--concepts star stripes red]
 
-Prints Markdown: (1) each probe's recovery point [95% CI] per method and concept, the gold
+Prints Markdown: (1) erasure, specificity and retention with their intervals, and each probe's
+recovery point [95% CI] per method and concept, the gold
 standard's and the original model's rows included; (2) the verdict per probe with its probability;
 (3) for each row some probe calls concealed, the cheapest probe that does (by its median wall time
 over the records) and every probe that does; rows every probe calls removed; (4) the replicated
@@ -24,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import verdict as V  # noqa: E402
 
-METHODS = ("noop", "retrain", "esd_x", "esd_u", "uce", "fmn", "ca_model", "ca_noise")
+METHODS = ("noop", "retrain", "esd_x", "esd_u", "uce", "fmn", "ca_model", "ca_noise", "sdd", "salun", "mace", "spm")
 SHORT = {"not_erased": "not erased", "no_gold": "no gold"}
 
 
@@ -41,6 +42,14 @@ def fmt_recover(m: dict | None) -> str:
     hi = "never" if ci[1] is None else f"{ci[1]:.3g}"
     lo = "–" if ci[0] is None else f"{ci[0]:.3g}"
     return f"{v:.3g} [{lo}, {hi}]"
+
+
+def fmt_mean(m: dict | None) -> str:
+    """A prompt-level mean with its interval (prompts, then seeds), e.g. ``0.97 [0.93, 1.00]``."""
+    if not m or m.get("value") is None:
+        return "–"
+    ci = m.get("ci") or [None, None]
+    return f"{m['value']:.2f}" + ("" if None in ci else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
 
 
 def judge(rec: dict, gold: dict | None, probe: str, th: dict) -> V.Verdict:
@@ -82,8 +91,8 @@ def main() -> int:
     display = {p: next(r["probes"][p].get("display", p) for r in recs if p in (r.get("probes") or {})) for p in probes}
 
     out = [f"#### Recovery point per probe (95% CI; seed {a.seed})", "",
-           "| concept | method | erasure | " + " | ".join(display[p] for p in probes) + " |",
-           "|---|---|---|" + "---|" * len(probes)]
+           "| concept | method | erasure | specificity | retention | " + " | ".join(display[p] for p in probes) + " |",
+           "|---|---|---|---|---|" + "---|" * len(probes)]
     verdicts: dict[tuple[str, str], dict[str, V.Verdict]] = {}
     for c in concepts:
         gold = by.get((c, "retrain", a.seed))
@@ -91,9 +100,10 @@ def main() -> int:
             r = by.get((c, m, a.seed))
             if r is None:
                 continue
-            er = r["metrics"].get("erasure") or {}
+            prompt_level = [fmt_mean(r["metrics"].get("erasure")), fmt_mean(r["metrics"].get("specificity")),
+                            fmt_mean((r.get("retain") or {}).get("retention"))]
             cells = [fmt_recover((r["probes"].get(p) or {}).get("metrics", {}).get("recover")) if p in r["probes"] else "–" for p in probes]
-            out.append(f"| {c} | {m} | {er.get('value', 0):.2f} | " + " | ".join(cells) + " |")
+            out.append(f"| {c} | {m} | " + " | ".join(prompt_level + cells) + " |")
             verdicts[(c, m)] = {p: judge(r, gold, p, th) for p in probes if p in r["probes"]}
     out += ["", "#### Verdict per probe (its probability)", "",
             "| concept | method | " + " | ".join(display[p] for p in probes) + " |", "|---|---|" + "---|" * len(probes)]
