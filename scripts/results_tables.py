@@ -136,8 +136,26 @@ def main() -> int:
                     recs_ = [fmt_recover(r["probes"][p]["metrics"].get("recover")) for r in rs]
                     agree = "yes" if len({v.key for v in vs}) == 1 else "no → inconclusive"
                     out.append(f"| {c} | {m} | {display[p]} | {' · '.join(recs_)} | {' · '.join(vtext(v) for v in vs)} | {agree} |")
+        out += cross_seed_gold(by, concepts, seeds, probes, display, th)
     print("\n".join(out))
     return 0
+
+
+def cross_seed_gold(by: dict, concepts: list[str], seeds: list[int], probes: list[str], display: dict, th: dict) -> list[str]:
+    """The gold standard of seed s judged against the gold of another seed s'. Against its own record
+    the gold is "removed" by construction (a paired difference of zero); against another seed's —
+    other reference images, attacked seeds and classifier, compared as independent bootstraps — it
+    shows whether the rule calls a never-knew model "removed" when nothing is shared."""
+    out = ["", "#### The gold standard against another seed's gold (independent bootstraps)", "",
+           "| concept | probe | seed s vs gold of seed s' : verdict (probability) |", "|---|---|---|"]
+    for c in concepts:
+        golds = {s: by.get((c, "retrain", s)) for s in seeds}
+        for p in probes:
+            cells = [f"{s} vs {t}: {vtext(judge(golds[s], golds[t], p, th))}" for s in seeds for t in seeds
+                     if s != t and golds[s] and golds[t] and p in golds[s]["probes"] and p in golds[t]["probes"]]
+            if cells:
+                out.append(f"| {c} | {display[p]} | {' · '.join(cells)} |")
+    return out
 
 
 if __name__ == "__main__":
