@@ -10,8 +10,11 @@
   }
   var rows = {};
   var verdictOrder = data.verdict_order;
-  var columns = {};
-  data.columns.forEach(function (c) { columns[c.key] = c; });
+  var columns = {};  // ranking id → column key → column
+  Object.keys(data.columns).forEach(function (id) {
+    columns[id] = {};
+    data.columns[id].forEach(function (c) { columns[id][c.key] = c; });
+  });
   data.rankings.forEach(function (rk) {
     rk.rows.forEach(function (r) { rows[r.id] = r; });
   });
@@ -22,10 +25,15 @@
   function sortValue(row, key) {
     if (key === "method") { return (row.display + " " + (row.variant || "")).toLowerCase(); }
     if (key === "concept" || key === "class") { return row[key].toLowerCase(); }
-    if (key === "verdict") { return verdictOrder.indexOf(row.verdict); }
+    if (key === "seeds") { return row.seeds.length; }
+    var col = (columns[row.ranking] || {})[key];
+    if (col && col.kind === "verdict") {
+      var v0 = row.verdicts[col.probe] || row.verdicts.retain;
+      return v0 ? verdictOrder.indexOf(v0.key) : undefined;
+    }
     if (!Object.prototype.hasOwnProperty.call(row.values, key)) { return undefined; }
     var v = row.values[key];
-    if (v === null) { return columns[key] && columns[key].null_sort === "high" ? Infinity : undefined; }
+    if (v === null) { return col && col.null_sort === "high" ? Infinity : undefined; }
     return v;
   }
 
@@ -84,8 +92,13 @@
       n += ok ? 1 : 0;
       total += 1;
     });
+    document.querySelectorAll("table.matrix tbody tr[data-concept]").forEach(function (tr) {
+      var okc = !f.concept || tr.dataset.concept === f.concept;
+      var okm = !f.method || tr.dataset.method === f.method || tr.classList.contains("ref");
+      tr.hidden = !(okc && okm);
+    });
     document.querySelectorAll("section.ranking").forEach(function (section) {
-      section.hidden = section.querySelector("tbody tr[data-row]:not([hidden])") === null;
+      section.hidden = section.querySelector("table.board tbody tr[data-row]:not([hidden])") === null;
     });
     if (shown) { shown.textContent = n + " of " + total + " rows shown"; }
   }
@@ -121,7 +134,7 @@
       }
     });
   });
-  // index.html#detail-<job_key> opens that record's detail view (a link to share).
+  // index.html#detail-<group> opens that row's detail view (a link to share).
   if (/^#detail-[A-Za-z0-9_.-]+$/.test(window.location.hash)) {
     openDetail(window.location.hash.slice(1));
   }
