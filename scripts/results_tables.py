@@ -30,7 +30,10 @@ SHORT = {"not_erased": "not erased", "no_gold": "no gold"}
 
 
 def load(folder: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(folder.rglob("record.json"))]
+    """Schema-2 records (one block per probe); the first wave's schema-1 records have no probes and
+    are ranked apart on the page, so they are left out here."""
+    recs = [json.loads(p.read_text()) for p in sorted(folder.rglob("record.json"))]
+    return [r for r in recs if r.get("schema_version", 1) >= 2 and r.get("status", "ok") != "failed"]
 
 
 def fmt_recover(m: dict | None) -> str:
