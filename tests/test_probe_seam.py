@@ -44,13 +44,14 @@ def _curve(old: list[dict]) -> list[dict]:
 
 def same(expected):
     """Equal up to float32 round-off. Classifier features are float32 sums whose order can change
-    with the CPU's vector width and the thread pool's state (the published record's S_O/S_U came
-    back 6e-9 apart on CI's machine with the same thread count); a real change moves them by far more."""
+    with the CPU's vector width and the thread pool's state: on CI's machine, at the same thread
+    count, the published record's S_O/S_U came back 6e-9 apart and its KID (a difference of kernel
+    means, so round-off is amplified) 2.6e-6 relative. A real change moves them by far more."""
     if isinstance(expected, dict):
         return {k: same(v) for k, v in expected.items()}
     if isinstance(expected, (list, tuple)):
         return type(expected)(same(v) for v in expected)
-    return pytest.approx(expected, rel=1e-6, abs=1e-9) if isinstance(expected, float) else expected
+    return pytest.approx(expected, rel=1e-4, abs=1e-7) if isinstance(expected, float) else expected
 
 
 def assert_same_numbers(old: dict, new: dict) -> None:
