@@ -27,6 +27,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,6 +145,22 @@ class NFECounter:
         self.total += rows
         self.calls += 1
         self.by_stage[stage] = self.by_stage.get(stage, 0) + rows
+
+
+def ddim_sampler(scheduler: Any, steps: int, key: str = "method.params.ddim_steps"):
+    """A deterministic DDIM sampler (η = 0) on the pipeline's noise schedule and timestep grid, for
+    methods that sample their own training latents (ESD, SDD, SPM). ``clip_sample`` and
+    ``set_alpha_to_one`` are off, as SD v1.4's own scheduler config says, so a non-DDIM config
+    (PNDM, Euler) does not bring DDIM's clipping default along. ``key`` names ``steps`` in errors."""
+    from diffusers import DDIMScheduler
+
+    from bench.hparams import ConfigError
+
+    sched = DDIMScheduler.from_config(scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    if steps > sched.config.num_train_timesteps:
+        raise ConfigError(f"`{key}` must be <= {sched.config.num_train_timesteps}, got {steps}")
+    sched.set_timesteps(steps)
+    return sched
 
 
 class UNetRows:

@@ -85,6 +85,7 @@ import torch.nn.functional as F
 
 from bench import progress
 from bench.hparams import ConfigError, Range
+from bench.sampling import ddim_sampler
 
 Variant = Literal["esd-x", "esd-u", "esd-x-strict", "full"]
 
@@ -119,7 +120,7 @@ def unlearn(
         raise ConfigError("`method.params.erase_from` must be null or a non-empty prompt, got ''")
     unet = pipe.unet
     device = unet.device
-    sched = _ddim_sampler(pipe.scheduler, ddim_steps)
+    sched = ddim_sampler(pipe.scheduler, ddim_steps)
 
     names = _trainable_names(unet, variant)
     frozen = copy.deepcopy(unet).requires_grad_(False).eval()
@@ -203,16 +204,6 @@ def _trainable_names(unet: torch.nn.Module, variant: str) -> set[str]:
         raise ValueError(f"ESD variant {variant!r} selects no parameter of this UNet (no cross-attention `attn2`?)")
     return names
 
-
-def _ddim_sampler(scheduler: Any, steps: int):
-    """A deterministic DDIM sampler on the pipeline's noise schedule and timestep grid."""
-    from diffusers import DDIMScheduler
-
-    sched = DDIMScheduler.from_config(scheduler.config, clip_sample=False, set_alpha_to_one=False)
-    if steps > sched.config.num_train_timesteps:
-        raise ConfigError(f"`method.params.ddim_steps` must be <= {sched.config.num_train_timesteps}, got {steps}")
-    sched.set_timesteps(steps)
-    return sched
 
 
 def _plan(sched: Any, index: int, rule: str) -> tuple[torch.Tensor, int, int]:

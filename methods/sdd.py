@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from bench import progress
 from bench.context import MethodContext, context_or_default
 from bench.hparams import ConfigError, Range, check_params, declared
+from bench.sampling import ddim_sampler
 
 Trainable = Literal["xattn", "noxattn", "selfattn", "notime", "full"]
 
@@ -119,7 +120,7 @@ def unlearn(
         raise ConfigError(f"`concept.target` of {concept.name!r} names no word to erase, got {concept.target!r}")
     unet = pipe.unet
     device = unet.device
-    sched = _ddim_sampler(pipe.scheduler, ddim_steps)
+    sched = ddim_sampler(pipe.scheduler, ddim_steps)
     names = _trainable_names(unet, trainable)
     show = context_or_default(ctx).progress
     sampling_prompt = ", ".join(words)  # c_p, L704
@@ -215,16 +216,6 @@ def _trainable_names(unet: torch.nn.Module, trainable: str) -> set[str]:
         raise ValueError(f"SDD `trainable={trainable!r}` selects no parameter of this UNet (no `attn1`/`attn2` modules?)")
     return names
 
-
-def _ddim_sampler(scheduler: Any, steps: int):
-    """A deterministic DDIM sampler (η = 0) on the pipeline's noise schedule and timestep grid."""
-    from diffusers import DDIMScheduler
-
-    sched = DDIMScheduler.from_config(scheduler.config, clip_sample=False, set_alpha_to_one=False)
-    if steps > sched.config.num_train_timesteps:
-        raise ConfigError(f"`method.params.ddim_steps` must be <= {sched.config.num_train_timesteps}, got {steps}")
-    sched.set_timesteps(steps)
-    return sched
 
 
 def _bin(k: int, n: int, T: int) -> tuple[int, int]:

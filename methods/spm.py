@@ -107,7 +107,7 @@ import torch.nn.functional as F
 from bench import progress
 from bench.context import MethodContext, context_or_default
 from bench.hparams import ConfigError, Range, check_params, declared
-from bench.sampling import UNetRows
+from bench.sampling import UNetRows, ddim_sampler
 
 Modules = Literal["transformer", "attention"]
 
@@ -160,7 +160,7 @@ def unlearn(
     size = unet.config.sample_size
     if dynamic_resolution and size % 8:
         raise ConfigError(f"`method.params.dynamic_resolution` needs a UNet sample_size divisible by 8, got {size}")
-    sched = _ddim_sampler(pipe.scheduler, denoising_steps)
+    sched = ddim_sampler(pipe.scheduler, denoising_steps, "method.params.denoising_steps")
     context = context_or_default(ctx)
     device = unet.device
     emb = _embed(pipe, ["", surrogate_prompt, *words])
@@ -344,16 +344,6 @@ def _surrogate(concept: Any, surrogate: str) -> str:
         raise ConfigError(f"`method.params.surrogate` = 'anchor' needs `concept.anchor`, but {concept.name!r} has none")
     return concept.anchor
 
-
-def _ddim_sampler(scheduler: Any, steps: int):
-    """A deterministic DDIM sampler (η = 0) on the pipeline's noise schedule and timestep grid."""
-    from diffusers import DDIMScheduler
-
-    sched = DDIMScheduler.from_config(scheduler.config, clip_sample=False, set_alpha_to_one=False)
-    if steps > sched.config.num_train_timesteps:
-        raise ConfigError(f"`method.params.denoising_steps` must be <= {sched.config.num_train_timesteps}, got {steps}")
-    sched.set_timesteps(steps)
-    return sched
 
 
 def _lr_schedule(opt: torch.optim.Optimizer, warmup: int, steps: int, cycles: int):

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.hparams import ConfigError, check_params
+from bench.sampling import ddim_sampler
 from bench.testing import pipe_weights, sd_scheduler, tiny_concept, tiny_sd_pipeline
-from methods.esd import _ddim_sampler, _embed, _plan, _sample, unlearn
+from methods.esd import _embed, _plan, _sample, unlearn
 
 FAST = {"iterations": 3, "ddim_steps": 4, "lr": 1e-3}
 
@@ -65,7 +66,7 @@ def test_parameter_sets_follow_the_compvis_rules():
 
 def _esd_objective(unet, frozen, pipe, eta: float, steps: int = 4) -> float:
     """The ESD loss averaged over a fixed set of (x_t, t) drawn as the method draws them."""
-    sched = _ddim_sampler(pipe.scheduler, steps)
+    sched = ddim_sampler(pipe.scheduler, steps)
     emb = _embed(pipe, ["", "star"])
     null, word = emb[:1].expand(8, -1, -1), emb[1:].expand(8, -1, -1)
     g = torch.Generator().manual_seed(123)
@@ -138,7 +139,7 @@ def test_nfe_counts_every_unet_row_and_the_sampler_uses_the_chosen_unet(kw):
 
 
 def test_compvis_rule_reproduces_the_original_offset_and_aligned_removes_it():
-    sched = _ddim_sampler(sd_scheduler("pndm"), 50)  # SD v1.4's own scheduler config
+    sched = ddim_sampler(sd_scheduler("pndm"), 50)  # SD v1.4's own scheduler config
     assert sched.timesteps[0] == 981 and sched.timesteps[-1] == 1  # CompVis range(0, 1000, 20) + 1
     # a2189e9: t_enc = 10 pairs t in [200, 220) with a latent left at 161 by a step at 181
     run, lo, hi = _plan(sched, 10, "compvis")

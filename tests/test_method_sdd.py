@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 import methods.sdd as sdd
 from bench.hparams import ConfigError, check_params
+from bench.sampling import ddim_sampler
 from bench.testing import changed, pipe_weights, sd_scheduler, tiny_concept, tiny_sd_pipeline
 from methods.sdd import unlearn
 
@@ -79,7 +80,7 @@ def _text_sensitive_pipeline():
 def _sdd_objective(pipe, null_unet, ddim_steps: int = 4) -> float:
     """mean ‖ε_θ(z_t, c, t) − ε'(z_t, ∅, t)‖² over fixed z_t drawn as the method draws them
     (``null_unet`` samples z_t and gives ε'), one batch per DDIM stopping step."""
-    sched = sdd._ddim_sampler(pipe.scheduler, ddim_steps)
+    sched = ddim_sampler(pipe.scheduler, ddim_steps)
     e = sdd._embed(pipe, ["", "star"])
     null, word = e[:1], e[1:]
     g = torch.Generator().manual_seed(123)
@@ -155,11 +156,11 @@ def test_nfe_counts_every_unet_row_and_the_teacher_samples(kw):
 
 def test_timestep_bins_hold_the_latents_grid_timestep():
     for steps in (50, 20):  # SD v1.4's (PNDM config) grid and the Shapes world's 20-step DDIM grid
-        sched = sdd._ddim_sampler(sd_scheduler("pndm"), steps)
+        sched = ddim_sampler(sd_scheduler("pndm"), steps)
         for k in range(steps):
             lo, hi = sdd._bin(k, steps, 1000)
             assert lo <= int(sched.timesteps[k]) < hi and hi - lo == 1000 // steps
-    assert sdd._ddim_sampler(sd_scheduler("pndm"), 50).timesteps[0] == 981  # CompVis/diffusers leading grid
+    assert ddim_sampler(sd_scheduler("pndm"), 50).timesteps[0] == 981  # CompVis/diffusers leading grid
 
 
 def test_several_targets_are_removed_in_turn_and_sampled_together():

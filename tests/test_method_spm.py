@@ -15,6 +15,7 @@ from safetensors import safe_open
 import methods.spm as spm
 from bench.context import MethodContext
 from bench.hparams import ConfigError, check_params
+from bench.sampling import ddim_sampler
 from bench.testing import changed, pipe_weights, tiny_concept, tiny_sd_pipeline
 from methods.spm import unlearn
 
@@ -154,7 +155,7 @@ def test_nfe_counts_every_unet_row(tmp_path, kw):
 
 
 def test_timestep_rules_and_dynamic_resolution():
-    sched = spm._ddim_sampler(tiny_sd_pipeline().scheduler, 30)
+    sched = ddim_sampler(tiny_sd_pipeline().scheduler, 30)
     assert int(spm._timestep(sched, 1, "reference")) == 966 and int(spm._timestep(sched, 29, "reference")) == 33
     assert int(spm._timestep(sched, 1, "aligned")) == int(sched.timesteps[1])
     torch.manual_seed(0)
