@@ -149,7 +149,7 @@ def judge_forget(metrics: dict, probe_block: dict | None, gold_block: dict | Non
     if v is not None:
         return v
     if probe_block is None:
-        return Verdict("undefined", None, f"the record has no {probe} block")
+        return Verdict("not_run", None, f"the record has no {probe} block")
     if gold_block is None:
         return Verdict("no_gold", None, "no gold-standard record for this concept, probe protocol and seed")
     rec, grec = probe_block["metrics"].get("recover"), gold_block["metrics"].get("recover")

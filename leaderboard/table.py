@@ -180,7 +180,7 @@ def group_verdicts(group: Group, ranking: Ranking, th: dict) -> dict[str, dict]:
 
 def _combined(per: list[tuple[int, V.Verdict]]) -> dict:
     if not per:
-        return {"key": "undefined", "probability": None, "detail": "not run under this ranking's protocol", "per_seed": []}
+        return {"key": "not_run", "probability": None, "detail": "not run under this ranking's protocol", "per_seed": []}
     c = V.combine([v for _, v in per])
     return {**c.to_dict(), "per_seed": [{"seed": s, **v.to_dict()} for s, v in per]}
 
