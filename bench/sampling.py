@@ -163,6 +163,28 @@ def ddim_sampler(scheduler: Any, steps: int, key: str = "method.params.ddim_step
     return sched
 
 
+def ddim_cfg_sample(unet, sched, z: torch.Tensor, run: torch.Tensor, cond: torch.Tensor, null: torch.Tensor,
+                    guidance: float) -> tuple[torch.Tensor, int]:
+    """DDIM (η = 0) through the grid timesteps ``run`` with classifier-free guidance, for methods that
+    sample their own training latents (SDD, SPM); returns (latent, UNet rows). At guidance 0 or 1 one
+    branch is the whole prediction (∅ alone, c alone), so only that branch runs."""
+    b, rows = z.shape[0], 0
+    single = guidance in (0.0, 1.0)
+    if single:
+        text = (null if guidance == 0.0 else cond).expand(b, -1, -1)
+    else:
+        text = torch.cat([null.expand(b, -1, -1), cond.expand(b, -1, -1)])
+    for t in run:
+        inp = z if single else torch.cat([z, z])
+        eps = unet(inp, t, encoder_hidden_states=text).sample
+        rows += inp.shape[0]
+        if not single:
+            e_null, e_cond = eps.chunk(2)
+            eps = e_null + guidance * (e_cond - e_null)
+        z = sched.step(eps, t, z, eta=0.0).prev_sample
+    return z, rows
+
+
 class UNetRows:
     """Counts a UNet's evaluations inside a ``with`` block as batch rows (a CFG forward of batch b
     counts 2b), for methods that run the UNet themselves (Concept Ablation's anchor images,

@@ -80,7 +80,7 @@ import torch.nn.functional as F
 from bench import progress
 from bench.context import MethodContext, context_or_default
 from bench.hparams import ConfigError, Range, check_params, declared
-from bench.sampling import ddim_sampler
+from bench.sampling import ddim_cfg_sample, ddim_sampler
 
 Trainable = Literal["xattn", "noxattn", "selfattn", "notime", "full"]
 
@@ -151,7 +151,7 @@ def unlearn(
                 z_T = torch.randn((batch_size, *latent_shape)).to(device)
                 t = torch.randint(t_lo, t_hi, (batch_size,)).to(device)
                 with torch.no_grad():
-                    z_t, rows = _sample(teacher, sched, z_T, sched.timesteps[:k], e_prompt, e_null, guidance_scale)
+                    z_t, rows = ddim_cfg_sample(teacher, sched, z_T, sched.timesteps[:k], e_prompt, e_null, guidance_scale)
                     e_0 = target_unet(z_t, t, encoder_hidden_states=e_null.expand(batch_size, -1, -1)).sample
                 loss = F.mse_loss(unet(z_t, t, encoder_hidden_states=c_s).sample, e_0)
                 opt.zero_grad(set_to_none=True)
@@ -222,24 +222,6 @@ def _bin(k: int, n: int, T: int) -> tuple[int, int]:
     """The DDPM timestep range [lo, hi) paired with k DDIM steps from noise (L513–516)."""
     return round((1 - (k + 1) / n) * T), round((1 - k / n) * T)
 
-
-def _sample(unet, sched, z: torch.Tensor, run: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, guidance: float):
-    """DDIM (η = 0) through the grid timesteps ``run`` with CFG; returns (latent, UNet rows)."""
-    b, rows = z.shape[0], 0
-    single = guidance in (0.0, 1.0)  # one branch suffices: ∅ alone at 0, c_p alone at 1
-    if single:
-        text = (null if guidance == 0.0 else cond).expand(b, -1, -1)
-    else:
-        text = torch.cat([null.expand(b, -1, -1), cond.expand(b, -1, -1)])
-    for t in run:
-        inp = z if single else torch.cat([z, z])
-        eps = unet(inp, t, encoder_hidden_states=text).sample
-        rows += inp.shape[0]
-        if not single:
-            e_null, e_cond = eps.chunk(2)
-            eps = e_null + guidance * (e_cond - e_null)
-        z = sched.step(eps, t, z, eta=0.0).prev_sample
-    return z, rows
 
 
 def _relative_gap(student: list[torch.Tensor], ema: list[torch.Tensor]) -> float:

@@ -107,7 +107,7 @@ import torch.nn.functional as F
 from bench import progress
 from bench.context import MethodContext, context_or_default
 from bench.hparams import ConfigError, Range, check_params, declared
-from bench.sampling import UNetRows, ddim_sampler
+from bench.sampling import UNetRows, ddim_cfg_sample, ddim_sampler
 
 Modules = Literal["transformer", "attention"]
 
@@ -184,7 +184,7 @@ def unlearn(
                 h, w = _latent_size(size, dynamic_resolution)
                 z = torch.randn((1, unet.config.in_channels, h, w)).to(device) * sched.init_noise_sigma
                 with torch.no_grad():  # z_t from the model with its membrane (L175–188)
-                    z_t, n = _sample(unet, sched, z, sched.timesteps[:k], c, e_null, sampling_guidance)
+                    z_t, n = ddim_cfg_sample(unet, sched, z, sched.timesteps[:k], c, e_null, sampling_guidance)
                     nfe_sampling += n
                     t = _timestep(sched, k, timestep_rule).to(device)
                     with adapter.off():  # ε*(c), ε*(c_s) of the frozen model (L196–219)
@@ -368,21 +368,6 @@ def _timestep(sched: Any, k: int, rule: str) -> torch.Tensor:
     T, n = sched.config.num_train_timesteps, len(sched.timesteps)
     return torch.tensor(T - 1 - (k * T) // n)
 
-
-def _sample(unet, sched, z: torch.Tensor, run: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, guidance: float):
-    """DDIM (η = 0) through the grid timesteps ``run`` with CFG; returns (latent, UNet rows)."""
-    rows = 0
-    single = guidance in (0.0, 1.0)  # one branch suffices: ∅ alone at 0, c alone at 1
-    text = (null if guidance == 0.0 else cond) if single else torch.cat([null, cond])
-    for t in run:
-        inp = z if single else torch.cat([z, z])
-        eps = unet(inp, t, encoder_hidden_states=text).sample
-        rows += inp.shape[0]
-        if not single:
-            e_null, e_cond = eps.chunk(2)
-            eps = e_null + guidance * (e_cond - e_null)
-        z = sched.step(eps, t, z, eta=0.0).prev_sample
-    return z, rows
 
 
 def _sample_anchors(target: torch.Tensor, n: int) -> torch.Tensor:

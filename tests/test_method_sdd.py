@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 import methods.sdd as sdd
 from bench.hparams import ConfigError, check_params
-from bench.sampling import ddim_sampler
+from bench.sampling import ddim_cfg_sample, ddim_sampler
 from bench.testing import changed, pipe_weights, sd_scheduler, tiny_concept, tiny_sd_pipeline
 from methods.sdd import unlearn
 
@@ -87,7 +87,7 @@ def _sdd_objective(pipe, null_unet, ddim_steps: int = 4) -> float:
     total = 0.0
     with torch.no_grad():
         for k in range(ddim_steps):
-            z, _ = sdd._sample(null_unet, sched, torch.randn(8, 4, 8, 8, generator=g), sched.timesteps[:k], word, null, 3.0)
+            z, _ = ddim_cfg_sample(null_unet, sched, torch.randn(8, 4, 8, 8, generator=g), sched.timesteps[:k], word, null, 3.0)
             t = torch.randint(*sdd._bin(k, ddim_steps, 1000), (8,), generator=g)
             e_word = pipe.unet(z, t, encoder_hidden_states=word.expand(8, -1, -1)).sample
             e_null = null_unet(z, t, encoder_hidden_states=null.expand(8, -1, -1)).sample
@@ -200,7 +200,7 @@ def test_flags_and_mode_restored_when_training_fails(monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(sdd, "_sample", boom)
+    monkeypatch.setattr(sdd, "ddim_cfg_sample", boom)
     with pytest.raises(RuntimeError, match="boom"):
         _run(pipe)
     assert [p.requires_grad for p in pipe.unet.parameters()] == flags and not pipe.unet.training
