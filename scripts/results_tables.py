@@ -7,7 +7,8 @@ recovery point [95% CI] per method and concept, the gold
 standard's and the original model's rows included; (2) the verdict per probe with its probability;
 (3) for each row some probe calls concealed, the cheapest probe that does (by its median wall time
 over the records) and every probe that does; rows every probe calls removed; (4) the replicated
-seeds' verdict agreement when several seeds are present. Verdicts are the records' own (judged by
+seeds' verdict agreement when several seeds are present; (5) per method, across concepts and
+probes, how many cells read each verdict. Verdicts are the records' own (judged by
 ``bench.verdict`` against the gold record of the same seed and probe protocol when the job ran);
 records made before their gold are re-judged here with the same code.
 """
@@ -123,6 +124,7 @@ def main() -> int:
         if vs and all(v.key == "removed" for v in vs.values()) and len(vs) == len(probes):
             removed_everywhere.append(f"{m} on {c}")
     out += ["", "Rows every probe calls removed: " + (", ".join(removed_everywhere) or "none") + "."]
+    out += method_summary(verdicts, probes)
     seeds = sorted({s for _, _, s in by})
     if len(seeds) > 1:
         out += ["", f"#### Replication (seeds {', '.join(map(str, seeds))})", "",
@@ -142,6 +144,24 @@ def main() -> int:
         out += cross_seed_gold(by, concepts, seeds, probes, display, th)
     print("\n".join(out))
     return 0
+
+
+SUMMARY_KEYS = ("removed", "concealed", "destroyed", "not_erased", "inconclusive")
+
+
+def method_summary(verdicts: dict[tuple[str, str], dict[str, V.Verdict]], probes: list[str]) -> list[str]:
+    """Per method, across concepts and probes: how many (concept, probe) cells read each verdict."""
+    out = ["", "#### Per method, across concepts and probes", "",
+           "Each cell counts (concept, probe) verdicts of the seed above; \"cells\" = concepts × probes run.", "",
+           "| method | concepts | cells | " + " | ".join(SHORT.get(k, k) for k in SUMMARY_KEYS) + " | other |",
+           "|---|---|---|" + "---|" * (len(SUMMARY_KEYS) + 1)]
+    for m in dict.fromkeys(m for _, m in verdicts):
+        cells = [v for (c, mm), vs in verdicts.items() if mm == m for p, v in vs.items() if p in probes]
+        concepts = sorted({c for c, mm in verdicts if mm == m})
+        counts = [sum(v.key == k for v in cells) for k in SUMMARY_KEYS]
+        out.append(f"| {m} | {', '.join(concepts)} | {len(cells)} | " + " | ".join(map(str, counts))
+                   + f" | {len(cells) - sum(counts)} |")
+    return out
 
 
 def cross_seed_gold(by: dict, concepts: list[str], seeds: list[int], probes: list[str], display: dict, th: dict) -> list[str]:
