@@ -2,8 +2,25 @@
 
 Every world — the shipped Shapes model and Stable Diffusion alike — is a diffusers
 ``StableDiffusionPipeline`` loaded with ``from_pretrained``; a method's result is stored as
-``delta.safetensors``: only the UNet tensors that differ from the base model, under diffusers
-parameter names, with the method, concept, hyperparameters and base-model hash in the header.
+``delta.safetensors``: only the tensors that differ from the base model, with the method, concept,
+hyperparameters and base-model hash in the header.
+
+Delta layout (format ``concealbench-delta-v1``; a UNet-only delta is byte-for-byte what it always was):
+
+- UNet tensors under their bare diffusers names (``down_blocks.1.attentions.0...``);
+- text-encoder tensors, when a method changed the text encoder (AdvUnlearn), under
+  ``text_encoder.`` + their transformers name without its ``text_model.`` level
+  (``text_encoder.encoder.layers.0.mlp.fc1.weight``: transformers 5 dropped that level, 4.x has
+  it; ``text_encoder_state`` spells names the same under both); no UNet name starts with that
+  prefix, so the two never collide;
+- header ``base_hash``: ``state_hash`` of the base UNet, as ever (records and deltas already
+  published keep matching); ``text_encoder_base_hash``: ``state_hash`` of the base text encoder,
+  written, and checked, only when the delta holds text-encoder tensors.
+
+An unlearned model whose text encoder changed is evaluated with *its* text encoder: the harness
+pairs the unlearned UNet with it (``pair_text_encoder``) and the sampling engine encodes prompts
+with the encoder paired to the UNet it runs (``text_encoder_for``), so θ keeps the original encoder
+in the same trajectory where θ* uses the unlearned one (partial diffusion).
 """
 from __future__ import annotations
 
@@ -31,6 +48,9 @@ class DeltaError(ValueError):
 
 
 DELTA_FORMAT = json.dumps("concealbench-delta-v1")  # header value marking a delta file (save_delta)
+TEXT_ENCODER_PREFIX = "text_encoder."  # delta keys of text-encoder tensors (module docstring)
+TEXT_ENCODER_HASH_KEY = "text_encoder_base_hash"  # header key, present iff the delta holds text-encoder tensors
+PAIRED_TEXT_ENCODER = "_concealbench_text_encoder"  # where pair_text_encoder keeps a UNet's own text encoder
 
 
 def model_path(model_cfg: Any) -> str:
@@ -203,23 +223,41 @@ def snapshot_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()}
 
 
-def changed_tensors(base: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Tensors of ``module`` that are not bit-identical to ``base``."""
+def changed_tensors(base: dict[str, torch.Tensor], module: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors of ``module`` (or of a state dict) that are not bit-identical to ``base``."""
     out = {}
-    for k, v in module.state_dict().items():
+    state = module if isinstance(module, dict) else module.state_dict()
+    for k, v in state.items():
         v = v.detach().to("cpu")
         if k not in base or base[k].shape != v.shape or not torch.equal(base[k], v):
             out[k] = v.contiguous().clone()
     return out
 
 
-def save_delta(path: str | Path, base: dict[str, torch.Tensor], unet: torch.nn.Module, metadata: dict[str, Any]) -> list[str]:
-    """Write the UNet tensors that differ from ``base``; returns their names. Atomic."""
+def text_encoder_state(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A text encoder's state dict under the names deltas use (no ``text_model.`` level, module docstring)."""
+    return {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+
+
+def save_delta(path: str | Path, base: dict[str, torch.Tensor], unet: torch.nn.Module, metadata: dict[str, Any], *,
+               text_encoder_base: dict[str, torch.Tensor] | None = None,
+               text_encoder: torch.nn.Module | None = None) -> list[str]:
+    """Write the UNet tensors that differ from ``base`` and, given ``text_encoder`` and its
+    ``text_encoder_base`` (its ``snapshot_state``), the text-encoder tensors that differ from that
+    (module docstring: ``text_encoder.`` names, their own base hash); returns the names written. Atomic."""
     from safetensors.torch import save_file
 
+    if (text_encoder is None) != (text_encoder_base is None):
+        raise ValueError("save_delta: `text_encoder` and `text_encoder_base` go together")
     delta = changed_tensors(base, unet)
     meta = {k: json.dumps(v, sort_keys=True, default=str) for k, v in metadata.items()}
     meta["base_hash"] = json.dumps(state_hash(base))
+    if text_encoder is not None:
+        te_base = {k.removeprefix("text_model."): v for k, v in text_encoder_base.items()}
+        te = changed_tensors(te_base, text_encoder_state(text_encoder))
+        if te:
+            delta.update({TEXT_ENCODER_PREFIX + k: v for k, v in te.items()})
+            meta[TEXT_ENCODER_HASH_KEY] = json.dumps(state_hash(te_base))
     meta["format"] = DELTA_FORMAT
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,6 +265,30 @@ def save_delta(path: str | Path, base: dict[str, torch.Tensor], unet: torch.nn.M
     save_file(delta, str(tmp), metadata=meta)
     os.replace(tmp, path)
     return sorted(delta)
+
+
+def split_delta(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(UNet tensors, text-encoder tensors under ``text_encoder_state`` names) of a delta or state dict."""
+    unet = {k: v for k, v in tensors.items() if not k.startswith(TEXT_ENCODER_PREFIX)}
+    te = {k[len(TEXT_ENCODER_PREFIX):].removeprefix("text_model."): v for k, v in tensors.items() if k.startswith(TEXT_ENCODER_PREFIX)}
+    return unet, te
+
+
+def changed_components(names: list[str]) -> dict[str, int]:
+    """How many tensors of each component a delta holds, from its names (``{"unet": n, "text_encoder": m}``)."""
+    te = sum(1 for n in names if n.startswith(TEXT_ENCODER_PREFIX))
+    return {"unet": len(names) - te, "text_encoder": te}
+
+
+def delta_names(path: str | Path) -> list[str]:
+    """The tensor names of a safetensors file, from its header alone (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return sorted(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DeltaError(f"`{path}` is not a readable safetensors file: {e}") from e
 
 
 def read_safetensors(path: str | Path, label: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -257,24 +319,100 @@ def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return tensors, decode_meta(raw)
 
 
-def check_fits(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], label: str) -> None:
-    """``DeltaError`` unless every tensor names a UNet tensor of the same shape."""
+def check_fits(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], label: str, component: str = "UNet",
+               prefix: str = "") -> None:
+    """``DeltaError`` unless every tensor names a ``component`` tensor of the same shape; the
+    message names the first offending tensor as the file spells it (``prefix`` + name)."""
     unknown = [k for k in tensors if k not in own]
     if unknown:
         hint = " (CompVis names: convert the checkpoint to diffusers names first)" if unknown[0].startswith("model.") else ""
-        raise DeltaError(f"{label} is foreign to this UNet: {len(unknown)} of {len(tensors)} tensors have no counterpart, "
-                         f"first {unknown[0]!r}{hint}")
+        raise DeltaError(f"{label} is foreign to this {component}: {len(unknown)} of {len(tensors)} tensors have no counterpart, "
+                         f"first {prefix + unknown[0]!r}{hint}")
     for k, v in tensors.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise DeltaError(f"{label}: tensor {k!r} has shape {tuple(v.shape)}, this UNet's is {tuple(own[k].shape)}")
+            raise DeltaError(f"{label}: tensor {prefix + k!r} has shape {tuple(v.shape)}, this {component}'s is {tuple(own[k].shape)}")
 
 
-def apply_delta(unet: torch.nn.Module, path: str | Path, base_hash: str | None = None) -> dict[str, Any]:
-    """Load a delta into ``unet`` in place, checking names, shapes and the base-model hash."""
+def check_text_encoder(text_encoder: torch.nn.Module | None, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                       label: str) -> None:
+    """The text-encoder part of a delta (``split_delta``) fits ``text_encoder``: names and shapes,
+    then the header's ``text_encoder_base_hash`` when it has one; ``DeltaError`` naming a tensor."""
+    if not tensors:
+        return
+    first = TEXT_ENCODER_PREFIX + sorted(tensors)[0]
+    if text_encoder is None:
+        raise DeltaError(f"{label} holds {len(tensors)} text-encoder tensors (first {first!r}) but no text encoder was given to load them into")
+    own = text_encoder_state(text_encoder)
+    check_fits(own, tensors, label, "text encoder", TEXT_ENCODER_PREFIX)
+    base = meta.get(TEXT_ENCODER_HASH_KEY)
+    if base is not None and base != (mine := state_hash(own)):
+        raise DeltaError(f"{label}: its text-encoder tensors (first {first!r}) were made for text encoder {base}, not this one ({mine})")
+
+
+def load_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy checked tensors (``check_fits``) into ``module`` in place, in its dtype and on its device
+    (a text encoder's under ``text_encoder_state`` names or its own)."""
+    own = module.state_dict()
+    with torch.no_grad():
+        for k, v in tensors.items():
+            dst = own[k] if k in own else own[f"text_model.{k}"]  # transformers 4.x keeps the text_model level
+            dst.copy_(v.to(dst.dtype))
+
+
+def attach_modules(unet: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Build the modules a delta adds to the UNet before its tensors are loaded: Receler's eraser
+    attention processors (keys ``<attn2>.processor.eraser.*``, ``methods.receler.attach_erasers``),
+    the one method whose deployed form is not a change of existing tensors (its GELU eraser cannot
+    be folded into them). Imported lazily: no other delta needs it."""
+    if any(".processor.eraser." in k for k in tensors):
+        from methods.receler import ERASER_KEY, attach_erasers
+
+        attach_erasers(unet, {k: v for k, v in tensors.items() if ERASER_KEY.match(k)})
+
+
+def apply_delta(unet: torch.nn.Module, path: str | Path, base_hash: str | None = None, *,
+                text_encoder: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Load a delta into ``unet`` (and its text-encoder tensors into ``text_encoder``) in place,
+    checking names, shapes and base-model hashes (the text encoder's only when it has tensors)."""
     tensors, meta = read_delta(path)
+    label = f"`{path}`"
+    unet_tensors, te_tensors = split_delta(tensors)
+    attach_modules(unet, unet_tensors)
+    check_fits(unet.state_dict(), unet_tensors, label)
+    check_text_encoder(text_encoder, te_tensors, meta, label)  # before the UNet's hash: its message names a tensor
     if base_hash is not None and meta.get("base_hash") != base_hash:
-        raise DeltaError(f"`{path}` was made for base model {meta.get('base_hash')}, not this one ({base_hash})")
-    check_fits(unet.state_dict(), tensors, f"`{path}`")
-    missing, unexpected = unet.load_state_dict(tensors, strict=False)
-    assert not unexpected
+        raise DeltaError(f"{label} was made for base model {meta.get('base_hash')}, not this one ({base_hash})")
+    load_tensors(unet, unet_tensors)
+    if te_tensors:
+        load_tensors(text_encoder, te_tensors)
     return meta
+
+
+# ---------------------------------------------------------------------------- an unlearned UNet's text encoder
+
+def pair_text_encoder(unet: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+    """Make ``text_encoder`` the one that conditions ``unet`` wherever the sampling engine runs it.
+
+    Kept outside the module tree (not a submodule: the UNet's state dict, ``.to`` and parameters
+    are unchanged); ``copy.deepcopy`` of the UNet copies the pair along."""
+    object.__setattr__(unet, PAIRED_TEXT_ENCODER, text_encoder)
+
+
+def text_encoder_for(pipe: Any, unet: Any = None) -> Any:
+    """The text encoder paired with ``unet`` (``pair_text_encoder``), else the pipeline's own."""
+    paired = getattr(unet, "__dict__", {}).get(PAIRED_TEXT_ENCODER) if unet is not None else None
+    return paired if paired is not None else pipe.text_encoder
+
+
+@contextlib.contextmanager
+def using_text_encoder(pipe: Any, text_encoder: Any):
+    """``pipe.text_encoder`` is ``text_encoder`` inside the block (nothing changes when it already is)."""
+    own = pipe.text_encoder
+    if text_encoder is None or text_encoder is own:
+        yield
+        return
+    pipe.text_encoder = text_encoder
+    try:
+        yield
+    finally:
+        pipe.text_encoder = own

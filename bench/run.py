@@ -33,15 +33,21 @@ from bench.cache import Cache, load_entry, save_entry
 from bench.config import validate
 from bench.hparams import ConfigError, file_fingerprints, takes_context
 from bench.pipeline import (
+    TEXT_ENCODER_PREFIX,
     DeltaError,
     apply_delta,
     autocast_dtype,
+    changed_components,
+    delta_names,
     describe_pipeline,
     load_pipeline,
+    load_tensors,
+    pair_text_encoder,
     resolve_device,
     save_delta,
     snapshot_state,
     state_hash,
+    using_text_encoder,
 )
 from bench.record import (
     SCHEMA_VERSION,
@@ -94,6 +100,7 @@ class Job:
         self.reused: dict[str, int] = {}  # stage → how many of its files a resumed job reused
         self.stage = "validation"
         self._classifiers: dict[int, Any] = {}
+        self.star_text_encoder = None  # θ*'s own text encoder when the method changed it (stage_unlearn)
 
     # ------------------------------------------------------------------ setup
     def load(self) -> None:
@@ -133,6 +140,7 @@ class Job:
         self.stage = "unlearn"
         delta, report_file = self.dir / "delta.safetensors", self.dir / "unlearn.json"
         star = copy.deepcopy(self.theta)
+        text_encoder = self.pipe.text_encoder
         if delta.exists() and report_file.exists():
             log(f"unlearn: reusing {delta}")
             self._reuse("unlearn")
@@ -142,6 +150,9 @@ class Job:
             t = time.time()
             self.pipe.unet = star
             star.requires_grad_(False)
+            # A CPU copy, not a second encoder on the device: a method may edit the text encoder in
+            # place (AdvUnlearn trains it); its changes go into the delta and θ gets the original back.
+            te_base = snapshot_state(text_encoder)
             seed_everything(self.seed)
             offload = self.device.type == "cuda"  # θ waits on the CPU: full-UNet Adam (ESD-u, FMN) needs the room
             if offload:
@@ -152,25 +163,44 @@ class Job:
                 kwargs["ctx"] = MethodContext(cache_dir=Path(self.cfg.cache_dir).resolve(), progress=True, seed=self.seed)
             try:
                 report = dict(self.fn(self.pipe, self.concept, **kwargs) or {})
+                report["seconds"] = time.time() - t
+                names = save_delta(delta, self.base_state, star, {
+                    "method": self.cfg.method.name, "concept": self.concept.name, "params": self.params,
+                    "base_model": {"id": self.cfg.model.id, "hash": self.unet_hash}, "seed": self.seed,
+                }, text_encoder_base=te_base, text_encoder=self.pipe.text_encoder)
             finally:
-                self.pipe.unet = self.theta
+                self.pipe.unet, self.pipe.text_encoder = self.theta, text_encoder
+                load_tensors(text_encoder, te_base)
                 if offload:
                     self.theta.to(self.device)
-            report["seconds"] = time.time() - t
-            names = save_delta(delta, self.base_state, star, {
-                "method": self.cfg.method.name, "concept": self.concept.name, "params": self.params,
-                "base_model": {"id": self.cfg.model.id, "hash": self.unet_hash}, "seed": self.seed,
-            })
-            changed = sum(self.base_state[n].numel() for n in names if n in self.base_state)
-            report.update({"changed_tensors": names, "params_changed": int(changed)})
+            base = {**self.base_state, **{TEXT_ENCODER_PREFIX + k.removeprefix("text_model."): v for k, v in te_base.items()}}
+            changed = sum(base[n].numel() for n in names if n in base)
+            own = star.state_dict()  # tensors a method adds (Receler's erasers) are not in the base
+            added = sum(own[n].numel() for n in names if n not in base and n in own)
+            report.update({"changed_tensors": names, "params_changed": int(changed), "params_added": int(added),
+                           "changed_components": changed_components(names)})
             write_json(report_file, report)
         # Every later stage uses the weights as re-loaded from the delta, so the record is traceable to them.
         star = copy.deepcopy(self.theta)
-        apply_delta(star, delta, base_hash=self.unet_hash)
+        names = delta_names(delta)
+        te_star = None
+        if any(n.startswith(TEXT_ENCODER_PREFIX) for n in names):
+            te_star = copy.deepcopy(text_encoder).requires_grad_(False).eval()
+        apply_delta(star, delta, base_hash=self.unet_hash, text_encoder=te_star)
         star.requires_grad_(False)
-        self.star = star.eval()
+        if te_star is not None:
+            # θ* encodes prompts with its own text encoder, θ with the original (bench.pipeline.pair_text_encoder).
+            pair_text_encoder(star, te_star)
+            pair_text_encoder(self.theta, text_encoder)
+        self.star, self.star_text_encoder = star.eval(), te_star
+        report.setdefault("changed_components", changed_components(names))
         self.timings["unlearn"] = report.get("seconds", 0.0)
         return report
+
+    def as_star(self):
+        """Inside the block ``pipe.text_encoder`` is θ*'s (when the method changed it): probes that
+        attack θ* through the text encoder (adversarial prompt, inversion, relearning) attack its own."""
+        return using_text_encoder(self.pipe, self.star_text_encoder)
 
     # ------------------------------------------------------------------ plain generations
     def amp(self):
@@ -291,7 +321,8 @@ class Job:
         self.stage = f"{probe.name}: prepare"
         t, before = time.time(), self.counter.total
         seed_everything(self.seed)
-        tensors, meta = probe.prepare(ctx)
+        with self.as_star():
+            tensors, meta = probe.prepare(ctx)
         meta = {**meta, "seconds": time.time() - t, "nfe": self.counter.total - before}
         save_entry(path, tensors, meta)
         return tensors, meta
@@ -310,7 +341,8 @@ class Job:
             tensors, meta = load_entry(img_path)
         else:
             seed_everything(self.seed * 1000 + i)
-            out = probe.run(ctx, prompt, cls, state)
+            with self.as_star():
+                out = probe.run(ctx, prompt, cls, state)
             tensors = {f"x{k}": torch.from_numpy(im) for k, im in enumerate(out.images.values())}
             for tag, imgs in out.extra.items():
                 tensors.update({f"{tag}_{k}": torch.from_numpy(im) for k, im in enumerate(imgs.values())})
@@ -551,6 +583,7 @@ def execute(cfg: DictConfig) -> int:
         record = {**base, **_run_stages(job, t0), "wandb": tracker.url}
         # What ran, in the method's own words (ESD's parameter set, UCE's key rule, FMN's trained part, …).
         record["method"]["variant"] = record["unlearn"].get("variant") or job.params.get("variant")
+        record["method"]["changed"] = record["unlearn"].get("changed_components")  # tensors per component: {unet, text_encoder}
         write_json(rec_path, record)
         _hydra_pointer(rec_path, "ok")
         tracker.log_record(record, job.dir)

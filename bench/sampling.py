@@ -385,9 +385,14 @@ def _device(pipe) -> torch.device:
     return pipe._execution_device
 
 
-def _embeddings(pipe, prompt: str, cfg: SamplerConfig, device) -> torch.Tensor:
-    """(uncond, cond) text embeddings of one image, stacked; "" is the unconditional prompt."""
-    cond, uncond = pipe.encode_prompt(prompt, device, 1, cfg.uses_cfg, None)
+def _embeddings(pipe, prompt: str, cfg: SamplerConfig, device, unet=None) -> torch.Tensor:
+    """(uncond, cond) text embeddings of one image, stacked; "" is the unconditional prompt. The
+    text encoder is ``unet``'s own when one is paired with it (an unlearned text encoder,
+    ``bench.pipeline.pair_text_encoder``), else the pipeline's."""
+    from bench.pipeline import text_encoder_for, using_text_encoder
+
+    with using_text_encoder(pipe, text_encoder_for(pipe, unet)):
+        cond, uncond = pipe.encode_prompt(prompt, device, 1, cfg.uses_cfg, None)
     return torch.cat([uncond, cond]) if cfg.uses_cfg else cond
 
 
@@ -460,7 +465,7 @@ def generate(pipe, unet, prompt: str, seeds: Sequence[int], cfg: SamplerConfig,
     sample another way (the noise probe's DDIM with η > 1); by default the pipeline's own sampler."""
     seeds = check_seeds(seeds)
     device = _device(pipe)
-    emb = _embeddings(pipe, prompt, cfg, device)
+    emb = _embeddings(pipe, prompt, cfg, device, unet)
 
     def new_scheduler(dev=None):
         if scheduler_class is None:
@@ -504,7 +509,7 @@ def prefix_snapshots(pipe, unet_theta, prompt: str, seeds: Sequence[int], psis: 
     """
     seeds, psis = check_seeds(seeds), check_psi_grid(psis)
     device = _device(pipe)
-    emb = _embeddings(pipe, prompt, cfg, device)
+    emb = _embeddings(pipe, prompt, cfg, device, unet_theta)
     template = make_scheduler(pipe, cfg.steps)
     steps_of = {p: prefix_steps(template, p, check_split(split)) for p in psis}
     stops = sorted(set(steps_of.values()))
@@ -548,7 +553,7 @@ def continue_from(pipe, unet_star, snapshot: Snapshot, prompt: str, cfg: Sampler
     """
     check_snapshot(snapshot, cfg)
     device = _device(pipe)
-    emb = _embeddings(pipe, prompt, cfg, device)
+    emb = _embeddings(pipe, prompt, cfg, device, unet_star)
     T = len(snapshot.scheduler.timesteps)
     batches = _batches(len(snapshot.seeds), cfg.batch_size)
     bar, out = _bar(progress, (T - snapshot.step) * len(batches), f"θ* from ψ={snapshot.psi:g}"), []
@@ -569,13 +574,17 @@ def split_generate(pipe, unet_theta, unet_star, prompt: str, seeds: Sequence[int
     same scheduler object (paper §2.3's two pipeline calls, minus the fork's scheduler reset)."""
     seeds = check_seeds(seeds)
     device = _device(pipe)
-    emb = _embeddings(pipe, prompt, cfg, device)
+    from bench.pipeline import text_encoder_for
+
+    emb = _embeddings(pipe, prompt, cfg, device, unet_theta)
+    own = text_encoder_for(pipe, unet_star) is not text_encoder_for(pipe, unet_theta)  # θ* has its own text encoder
+    emb_star = _embeddings(pipe, prompt, cfg, device, unet_star) if own else emb
     out = []
     for lo, hi in _batches(len(seeds), cfg.batch_size):
         sched = make_scheduler(pipe, cfg.steps, device)
         k, T = prefix_steps(sched, psi, check_split(split)), len(sched.timesteps)
         latents, gens = _initial(unet_theta, sched, seeds[lo:hi], emb.dtype, device)
-        e = _batch_embeddings(emb, hi - lo, cfg)
+        e, e_star = _batch_embeddings(emb, hi - lo, cfg), _batch_embeddings(emb_star, hi - lo, cfg)
         latents = _denoise(unet_theta, sched, latents, e, gens, 0, k, cfg, counter, stage, None)
-        out.append(_denoise(unet_star, sched, latents, e, gens, k, T, cfg, counter, stage, None))
+        out.append(_denoise(unet_star, sched, latents, e_star, gens, k, T, cfg, counter, stage, None))
     return torch.cat(out)

@@ -116,6 +116,18 @@ def perturbed_unet(unet, scale: float = 0.05, seed: int = 1):
     return star
 
 
+def perturbed_text_encoder(text_encoder, scale: float = 0.05, seed: int = 1, layer: int = 0):
+    """A deep copy of ``text_encoder`` with N(0, scale²) noise added to the MLP weights of one
+    encoder layer: a stand-in for a text encoder an unlearning method (AdvUnlearn) has trained."""
+    star = copy.deepcopy(text_encoder)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in star.named_parameters():
+            if f"encoder.layers.{layer}.mlp." in name:
+                p.add_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.device, p.dtype))
+    return star
+
+
 def weights(module) -> dict[str, torch.Tensor]:
     """A detached copy of a module's state dict, to compare before and after a method ran."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}

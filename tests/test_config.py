@@ -70,7 +70,7 @@ def test_annotated_hyperparameters_are_checked():
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["method=nope"], "error: `method` = 'nope' is not one of the options in conf/method/: ca_model, ca_noise,"),
+    (["method=nope"], "error: `method` = 'nope' is not one of the options in conf/method/: advunlearn, ca_model, ca_noise,"),
     (["method=esd", "method.params.lrr=1"], "error: `method.params.lrr` is not a hyperparameter of methods.esd; allowed: batch_size,"),
     (["eval.nn=3"], "error: `eval.nn` is not a key of the config (a typo? to add a new key use +eval.nn=…)"),
     (["eval.n=[1,"], "error: cannot parse the override 'eval.n=[1,'"),

@@ -117,3 +117,45 @@ def test_file_content_enters_the_job_key(tmp_path):
     assert set(first) == {"path"} and first != second
     with pytest.raises(ConfigError):
         check_params(unlearn, {"path": str(tmp_path)})  # a directory is not a safetensors file
+
+
+def test_text_encoder_delta_imports_into_the_text_encoder_and_gives_the_edited_images(tmp_path):
+    from bench.sampling import SamplerConfig, generate
+    from bench.testing import perturbed_text_encoder
+
+    edited = tiny_sd_pipeline()
+    base, te_base = snapshot_state(edited.unet), snapshot_state(edited.text_encoder)
+    edited.text_encoder = perturbed_text_encoder(edited.text_encoder, scale=0.5, seed=3)
+    delta = tmp_path / "delta.safetensors"
+    names = save_delta(delta, base, edited.unet, {"method": "advunlearn", "concept": "star"},
+                       text_encoder_base=te_base, text_encoder=edited.text_encoder)
+    assert names and all(n.startswith("text_encoder.") for n in names)  # a text-encoder-only delta
+    fresh = tiny_sd_pipeline()
+    report = unlearn(fresh, None, path=str(delta))
+    assert report["source"]["components"] == {"unet": 0, "text_encoder": len(names)}
+    sampler = SamplerConfig(steps=2, guidance=7.5, batch_size=2)
+    assert torch.equal(generate(fresh, fresh.unet, "a star", [0, 1], sampler), generate(edited, edited.unet, "a star", [0, 1], sampler))
+    # a plain state dict may carry text-encoder tensors too, under either transformers spelling
+    plain = tmp_path / "plain.safetensors"
+    name = next(n for n in names if n.endswith("fc1.weight")).removeprefix("text_encoder.")
+    save_file({f"text_encoder.text_model.{name}": torch.ones_like(te_base[name])}, str(plain))
+    unlearn(fresh, None, path=str(plain))
+    assert torch.equal(fresh.text_encoder.state_dict()[name], torch.ones_like(te_base[name]))
+
+
+def test_text_encoder_delta_for_another_base_is_refused_naming_the_tensor(tmp_path):
+    from bench.testing import perturbed_text_encoder
+
+    other = tiny_sd_pipeline(seed=1)  # another text encoder (same architecture), the same UNet as below
+    pipe = tiny_sd_pipeline()
+    delta = tmp_path / "delta.safetensors"
+    names = save_delta(delta, snapshot_state(pipe.unet), pipe.unet, {"method": "x"}, text_encoder_base=snapshot_state(other.text_encoder),
+                       text_encoder=perturbed_text_encoder(other.text_encoder, scale=0.5))
+    first = names[0]
+    assert first.startswith("text_encoder.encoder.layers.0.mlp.")
+    with pytest.raises(DeltaError, match=rf"its text-encoder tensors \(first '{first}'\) were made for text encoder"):
+        unlearn(pipe, None, path=str(delta))
+    shaped = tmp_path / "shaped.safetensors"
+    save_file({"text_encoder.encoder.layers.0.mlp.fc1.weight": torch.zeros(3, 3)}, str(shaped))
+    with pytest.raises(DeltaError, match=r"tensor 'text_encoder.encoder.layers.0.mlp.fc1.weight' has shape \(3, 3\), this text encoder's is"):
+        unlearn(pipe, None, path=str(shaped))

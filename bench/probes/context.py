@@ -80,7 +80,7 @@ def finish_latents(ctx: ProbeContext, unet: Any, prompt: str, images: np.ndarray
 
     pipe, cfg = ctx.pipe, ctx.sampler
     device = pipe._execution_device
-    emb = _embeddings(pipe, prompt, cfg, device)
+    emb = _embeddings(pipe, prompt, cfg, device, unet)
     out = []
     for lo in range(0, len(seeds), cfg.batch_size):
         s = seeds[lo : lo + cfg.batch_size]
