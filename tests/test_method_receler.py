@@ -109,6 +109,26 @@ def test_adapter_delta_round_trip_needs_attach_erasers(tmp_path):
     copy.deepcopy(fresh)  # the evaluator copies θ*: no graph-carrying state may be left in the processors
 
 
+def test_adapter_delta_loads_through_apply_delta_and_method_weights(tmp_path):
+    """The harness's own loaders build the erasers (bench.pipeline.attach_modules): θ* re-loaded from the delta
+    and a pipeline given the delta by ``method=weights`` both equal the trained UNet, base hash checked."""
+    from bench.pipeline import apply_delta, state_hash
+    from methods.weights import unlearn as load_weights
+
+    pipe = tiny_sd_pipeline()
+    base = snapshot_state(pipe.unet)
+    _run(pipe, tmp_path, iterations=4)
+    save_delta(tmp_path / "delta.safetensors", base, pipe.unet, {"method": "receler"})
+    emb = rc._embed(pipe, ["star"])
+    fresh = tiny_sd_pipeline().unet
+    apply_delta(fresh, tmp_path / "delta.safetensors", base_hash=state_hash(base))
+    assert torch.equal(_predict(fresh, emb), _predict(pipe.unet, emb))
+    other = tiny_sd_pipeline()
+    report = load_weights(other, tiny_concept(), path=str(tmp_path / "delta.safetensors"))
+    assert report["source"]["components"] == {"unet": 16, "text_encoder": 0}
+    assert torch.equal(_predict(other.unet, emb), _predict(pipe.unet, emb))
+
+
 def test_erasers_are_cached_in_the_reference_layout(tmp_path):
     pipe = tiny_sd_pipeline()
     report = _run(pipe, tmp_path)
