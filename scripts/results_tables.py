@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench import verdict as V  # noqa: E402
 
-METHODS = ("noop", "retrain", "esd_x", "esd_u", "uce", "fmn", "ca_model", "ca_noise", "sdd", "salun", "mace", "spm")
+METHODS = ("noop", "retrain", "esd_x", "esd_u", "uce", "fmn", "ca_model", "ca_noise", "sdd", "salun", "mace", "spm",
+           "rece", "advunlearn", "stereo", "receler")
 SHORT = {"not_erased": "not erased", "no_gold": "no gold"}
 
 
