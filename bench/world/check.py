@@ -136,8 +136,8 @@ def run_check(world: Path, seeds: int = 64, out: Path | None = None) -> dict:
     return result
 
 
-def save_grid(images: np.ndarray, path: Path, cols: int = 8, scale: int = 3) -> None:
-    """Tile uint8 images (N, H, W, 3) into a PNG, upscaled ``scale``× (nearest)."""
+def save_grid(images: np.ndarray, path: Path, cols: int = 8, scale: int = 2) -> None:
+    """Tile uint8 images (N, H, W, 3) into a PNG, upscaled ``scale``× (nearest; 2 keeps the shipped world small)."""
     from PIL import Image
 
     n, h, w, _ = images.shape

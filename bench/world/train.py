@@ -495,8 +495,26 @@ def train_unet(cfg: BuildConfig, vae_dir: Path, detector_dir: Path, concept: str
     ema_unet.save_pretrained(str(final / "unet"))
     if train_text:
         ema_te.save_pretrained(str(final / "text_encoder"))
-    atomic_write_text(job / "report.json", json.dumps({"job": name, "steps": steps, "config": _jsonable(asdict(cfg)), "log": log}, indent=1))
+    atomic_write_text(job / "report.json", report_json({"job": name, "steps": steps, "config": _jsonable(asdict(cfg)), "log": log}))
     return final
+
+
+def report_json(report: dict) -> str:
+    """A training report as shipped in the world: the per-step log one compact line per step, floats to
+    5 significant digits (the log is for curves; 9 reports of 3,200–7,000 steps must fit the world's budget)."""
+    def rounded(x):
+        if isinstance(x, float):
+            return float(f"{x:.5g}")
+        if isinstance(x, dict):
+            return {k: rounded(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [rounded(v) for v in x]
+        return x
+
+    head = {k: v for k, v in report.items() if k != "log"}
+    lines = [json.dumps(rounded(e), separators=(",", ":")) for e in report.get("log", [])]
+    body = json.dumps(head, indent=1)[:-2]
+    return body + ',\n "log": [\n' + ",\n".join(lines) + "\n ]\n}\n" if lines else json.dumps(head, indent=1)
 
 
 def _jsonable(d):
