@@ -128,3 +128,11 @@ def read_record(path: Path) -> dict | None:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def subsample_curves(history: dict[str, list[float]], points: int) -> dict[str, list]:
+    """About ``points`` evenly spaced steps of equally long loss curves, with their step indices
+    (a method's report keeps these; the record drops full histories)."""
+    n = len(next(iter(history.values()), []))
+    steps = sorted({round(i * (n - 1) / max(1, points - 1)) for i in range(points)}) if n else []
+    return {"step": steps, **{k: [v[s] for s in steps] for k, v in history.items()}}

@@ -588,3 +588,10 @@ def split_generate(pipe, unet_theta, unet_star, prompt: str, seeds: Sequence[int
         latents = _denoise(unet_theta, sched, latents, e, gens, 0, k, cfg, counter, stage, None)
         out.append(_denoise(unet_star, sched, latents, e_star, gens, k, T, cfg, counter, stage, None))
     return torch.cat(out)
+
+
+def embed_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder hidden states of ``prompts`` with the pipeline's own tokenisation, no CFG pair
+    (what the training methods condition on; ESD, SDD, SPM, STEREO, Receler)."""
+    with torch.no_grad():
+        return pipe.encode_prompt(prompts, pipe.unet.device, 1, False)[0]

@@ -85,7 +85,7 @@ import torch.nn.functional as F
 
 from bench import progress
 from bench.hparams import ConfigError, Range
-from bench.sampling import ddim_sampler
+from bench.sampling import ddim_sampler, embed_prompts
 
 Variant = Literal["esd-x", "esd-u", "esd-x-strict", "full"]
 
@@ -131,7 +131,7 @@ def unlearn(
     was_training = unet.training
     unet.train()  # a2189e9 L203 (SD's UNet has no dropout, so this changes nothing numerically)
 
-    emb = _embed(pipe, ["", *words] + ([erase_from] if erase_from else []))
+    emb = embed_prompts(pipe, ["", *words] + ([erase_from] if erase_from else []))
     e_null, e_words = emb[:1], emb[1 : 1 + len(words)]
     e_from = emb[-1:] if erase_from else None
     latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
@@ -205,7 +205,6 @@ def _trainable_names(unet: torch.nn.Module, variant: str) -> set[str]:
     return names
 
 
-
 def _plan(sched: Any, index: int, rule: str) -> tuple[torch.Tensor, int, int]:
     """For a drawn step index, the grid timesteps to sample through and the bin [lo, hi) of t.
 
@@ -251,7 +250,3 @@ def _target(frozen, x_t, t, null, c, c_from, eta: float) -> tuple[torch.Tensor, 
     return (eps_from[0] if eps_from else eps_c) - eta * (eps_c - eps_null), k * x_t.shape[0]
 
 
-def _embed(pipe: Any, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder hidden states of ``prompts`` with the pipeline's own tokenisation."""
-    with torch.no_grad():
-        return pipe.encode_prompt(prompts, pipe.unet.device, 1, False)[0]

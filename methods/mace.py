@@ -122,6 +122,7 @@ import torch.nn.functional as F
 from bench import progress
 from bench.context import MethodContext, context_or_default
 from bench.hparams import ConfigError, Range, check_params, declared
+from bench.record import subsample_curves
 from bench.sampling import NFECounter, SamplerConfig, decode, generate
 
 # src/cfr_utils.py L260–293 / L298–329: the first ``prompt_len`` = 30 templates of each list are the
@@ -264,7 +265,7 @@ def unlearn(
         "nfe_images": nfe_images,
         "trained_parameters": sorted(f"{name}.weight" for name, _ in linears),
         "loss_history": history,
-        "loss_subsampled": {w: _subsample(losses[w]) for w in words},
+        "loss_subsampled": {w: subsample_curves({"loss": losses[w]}, _LOSS_POINTS) for w in words},
         "variant": "mace",
         "words": list(words),
         "anchor": anchor,
@@ -571,8 +572,3 @@ def _lora_hook(down: torch.Tensor, up: torch.Tensor, slot: list | None, index: i
     return hook
 
 
-def _subsample(values: list[float], points: int = _LOSS_POINTS) -> dict[str, list]:
-    """About ``points`` evenly spaced steps of a loss curve."""
-    n = len(values)
-    steps = sorted({round(i * (n - 1) / max(1, points - 1)) for i in range(points)}) if n else []
-    return {"step": steps, "loss": [values[s] for s in steps]}

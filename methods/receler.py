@@ -119,7 +119,8 @@ import torch.nn.functional as F
 from bench import progress
 from bench.context import MethodContext, context_or_default
 from bench.hparams import ConfigError, Range, check_params, declared
-from bench.sampling import UNetRows, ddim_cfg_sample, ddim_sampler
+from bench.record import subsample_curves
+from bench.sampling import UNetRows, ddim_cfg_sample, ddim_sampler, embed_prompts
 
 Deploy = Literal["adapter", "linearised"]
 
@@ -169,7 +170,7 @@ def unlearn(
     sched = ddim_sampler(pipe.scheduler, ddim_steps)
     context = context_or_default(ctx)
     device = unet.device
-    emb = _embed(pipe, ["", *words])
+    emb = embed_prompts(pipe, ["", *words])
     e_null, e_words = emb[:1], emb[1:]
     spans = [_token_span(pipe.tokenizer, w, emb.shape[1], num_adv_prompts if adv_iters else 0) for w in words]
     size, channels = unet.config.sample_size, unet.config.in_channels
@@ -246,7 +247,7 @@ def unlearn(
         "trained_parameters": changed,
         "trained_elements": sum(p.numel() for p in erasers.parameters()),
         "loss_history": history["total"],
-        "loss_subsampled": _subsample(history),
+        "loss_subsampled": subsample_curves(history, _LOSS_POINTS),
         "mask_coverage": sum(coverage) / len(coverage),
         "variant": f"receler-{deploy}",
         "deploy": deploy,
@@ -522,7 +523,7 @@ def _fit_affine(pipe, unet, erasers: _Erasers, sched, concept, e_words, e_null, 
     with torch.no_grad():
         texts = [e_null, e_words] + [_insert(e_words[i : i + 1], p, spans[i][1]) for i, p in enumerate(prompts)]
         if concept.anchor_prompts:
-            texts.append(_embed(pipe, list(concept.anchor_prompts)))
+            texts.append(embed_prompts(pipe, list(concept.anchor_prompts)))
         text = torch.cat(texts)
         inputs: dict[str, list[torch.Tensor]] = {name: [] for name in erasers.procs}
         sampling = 0
@@ -596,14 +597,3 @@ def _save_erasers(erasers: _Erasers, folder: Path, rank: int, info: dict[str, An
     return path.resolve()
 
 
-def _subsample(history: dict[str, list[float]], points: int = _LOSS_POINTS) -> dict[str, list]:
-    """About ``points`` evenly spaced steps of each loss curve (the record drops the full history)."""
-    n = len(history["total"])
-    steps = sorted({round(i * (n - 1) / max(1, points - 1)) for i in range(points)}) if n else []
-    return {"step": steps, **{k: [v[s] for s in steps] for k, v in history.items()}}
-
-
-def _embed(pipe: Any, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder hidden states of ``prompts`` with the pipeline's own tokenisation (get_learned_conditioning)."""
-    with torch.no_grad():
-        return pipe.encode_prompt(prompts, pipe.unet.device, 1, False)[0]

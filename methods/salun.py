@@ -100,6 +100,7 @@ import torch.nn.functional as F
 from bench import progress
 from bench.context import MethodContext, context_or_default
 from bench.hparams import ConfigError, Range, check_params
+from bench.record import subsample_curves
 from bench.sampling import UNetRows
 
 # nsfw_removal.py L83–84 (generate_mask.py L130): the NSFW recipe's forget and relabel prompts.
@@ -205,7 +206,7 @@ def unlearn(
         "mask_sparsity": 1.0 - kept / total,  # share of UNet weights the mask freezes
         "mask_tensors_frozen": sum(1 for m in masks.values() if not m.any()),
         "loss_history": history["total"],
-        "loss_subsampled": _subsample(history),
+        "loss_subsampled": subsample_curves(history, _LOSS_POINTS),
         "forget_images": forget_info["source"],
         "retain_images": retain_info["source"],
         "num_forget_images": len(forget),
@@ -570,10 +571,3 @@ def _trainable_names(unet: torch.nn.Module, method: str) -> list[str]:
     return names
 
 
-
-
-def _subsample(history: dict[str, list[float]], points: int = _LOSS_POINTS) -> dict[str, list]:
-    """About ``points`` evenly spaced steps of each loss curve (the record drops the full history)."""
-    n = len(history["total"])
-    steps = sorted({round(i * (n - 1) / max(1, points - 1)) for i in range(points)}) if n else []
-    return {"step": steps, **{k: [v[s] for s in steps] for k, v in history.items()}}

@@ -80,7 +80,7 @@ import torch.nn.functional as F
 from bench import progress
 from bench.context import MethodContext, context_or_default
 from bench.hparams import ConfigError, Range, check_params, declared
-from bench.sampling import ddim_cfg_sample, ddim_sampler
+from bench.sampling import ddim_cfg_sample, ddim_sampler, embed_prompts
 
 Trainable = Literal["xattn", "noxattn", "selfattn", "notime", "full"]
 
@@ -124,7 +124,7 @@ def unlearn(
     names = _trainable_names(unet, trainable)
     show = context_or_default(ctx).progress
     sampling_prompt = ", ".join(words)  # c_p, L704
-    emb = _embed(pipe, ["", sampling_prompt, *words])
+    emb = embed_prompts(pipe, ["", sampling_prompt, *words])
     e_null, e_prompt, e_words = emb[:1], emb[1:2], emb[2:]
     latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
 
@@ -217,11 +217,9 @@ def _trainable_names(unet: torch.nn.Module, trainable: str) -> set[str]:
     return names
 
 
-
 def _bin(k: int, n: int, T: int) -> tuple[int, int]:
     """The DDPM timestep range [lo, hi) paired with k DDIM steps from noise (L513–516)."""
     return round((1 - (k + 1) / n) * T), round((1 - k / n) * T)
-
 
 
 def _relative_gap(student: list[torch.Tensor], ema: list[torch.Tensor]) -> float:
@@ -232,7 +230,3 @@ def _relative_gap(student: list[torch.Tensor], ema: list[torch.Tensor]) -> float
     return (diff / norm) ** 0.5 if norm > 0 else 0.0
 
 
-def _embed(pipe: Any, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder hidden states of ``prompts`` with the pipeline's own tokenisation."""
-    with torch.no_grad():
-        return pipe.encode_prompt(prompts, pipe.unet.device, 1, False)[0]

@@ -107,7 +107,8 @@ import torch.nn.functional as F
 from bench import progress
 from bench.context import MethodContext, context_or_default
 from bench.hparams import ConfigError, Range, check_params, declared
-from bench.sampling import UNetRows, ddim_cfg_sample, ddim_sampler
+from bench.record import subsample_curves
+from bench.sampling import UNetRows, ddim_cfg_sample, ddim_sampler, embed_prompts
 
 Modules = Literal["transformer", "attention"]
 
@@ -163,7 +164,7 @@ def unlearn(
     sched = ddim_sampler(pipe.scheduler, denoising_steps, "method.params.denoising_steps")
     context = context_or_default(ctx)
     device = unet.device
-    emb = _embed(pipe, ["", surrogate_prompt, *words])
+    emb = embed_prompts(pipe, ["", surrogate_prompt, *words])
     e_null, e_sur, e_words = emb[:1], emb[1:2], emb[2:]
 
     targets = _target_modules(unet, modules)
@@ -222,7 +223,7 @@ def unlearn(
         "merged_elements": sum(unet.get_parameter(n_).numel() for n_ in merged),
         "trained_elements": sum(p.numel() for p in adapter.parameters()),
         "loss_history": history["total"],
-        "loss_subsampled": _subsample(history),
+        "loss_subsampled": subsample_curves(history, _LOSS_POINTS),
         "variant": f"spm-{modules}",
         "words": list(words),
         "surrogate": surrogate_prompt,
@@ -345,7 +346,6 @@ def _surrogate(concept: Any, surrogate: str) -> str:
     return concept.anchor
 
 
-
 def _lr_schedule(opt: torch.optim.Optimizer, warmup: int, steps: int, cycles: int):
     """cosine_with_restarts with linear warm-up, stepped after every optimiser step (train_util L569–633)."""
     from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
@@ -367,7 +367,6 @@ def _timestep(sched: Any, k: int, rule: str) -> torch.Tensor:
         return sched.timesteps[k].clone()
     T, n = sched.config.num_train_timesteps, len(sched.timesteps)
     return torch.tensor(T - 1 - (k * T) // n)
-
 
 
 def _sample_anchors(target: torch.Tensor, n: int) -> torch.Tensor:
@@ -424,14 +423,3 @@ def _save_adapter(adapter: _Membrane, folder: Path, info: dict[str, Any]) -> Pat
     return path.resolve()
 
 
-def _subsample(history: dict[str, list[float]], points: int = _LOSS_POINTS) -> dict[str, list]:
-    """About ``points`` evenly spaced steps of each loss curve (the record drops the full history)."""
-    n = len(history["total"])
-    steps = sorted({round(i * (n - 1) / max(1, points - 1)) for i in range(points)}) if n else []
-    return {"step": steps, **{k: [v[s] for s in steps] for k, v in history.items()}}
-
-
-def _embed(pipe: Any, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder hidden states of ``prompts`` with the pipeline's own tokenisation (train_util L67–95)."""
-    with torch.no_grad():
-        return pipe.encode_prompt(prompts, pipe.unet.device, 1, False)[0]

@@ -119,7 +119,7 @@ from bench.context import MethodContext, context_or_default
 from bench.hparams import ConfigError, Range, check_params, declared
 from bench.probes import _fewshot as fewshot
 from bench.probes.inversion import placeholders
-from bench.sampling import UNetRows, ddim_cfg_sample, ddim_sampler
+from bench.sampling import UNetRows, ddim_cfg_sample, ddim_sampler, embed_prompts
 
 TrainMethod = Literal["noxattn", "xattn", "selfattn", "full_unet"]
 
@@ -198,7 +198,7 @@ def unlearn(
         erase = [*words, *adv_tokens]
         hook = placeholders(pipe, adv_tokens, torch.stack(adv_vectors)) if adv_tokens else nullcontext()
         with hook:
-            emb = _embed(pipe, ["", *erase, *anchors])
+            emb = embed_prompts(pipe, ["", *erase, *anchors])
         e_null, e_erase, e_anchor = emb[:1], emb[1 : 1 + len(erase)], emb[1 + len(erase) :]
         reo_losses, reo_rows = _robustly_erase_once(
             unet, original, names, sched, e_null, e_erase, e_anchor, iterations=reo_iterations, lr=reo_lr,
@@ -239,7 +239,7 @@ def _search_thoroughly_enough(
 ) -> tuple[list[str], list[torch.Tensor], list[dict[str, Any]]]:
     """K rounds of erase (ESD on ``work``) → attack (textual inversion against ``work``); returns the
     tokens, their learned vectors and one report entry per round. ``original`` is θ (round 0's θ⁻)."""
-    emb = _embed(pipe, ["", *words])
+    emb = embed_prompts(pipe, ["", *words])
     e_null, e_erase, erased = emb[:1], emb[1:], list(words)
     tokens, vectors, info = [], [], []
     for k in range(rounds):
@@ -255,7 +255,7 @@ def _search_thoroughly_enough(
         tokens.append(token)
         vectors.append(vec)
         with placeholders(pipe, [token], vec.unsqueeze(0)):
-            e_erase = _embed(pipe, [token])  # the next round erases this embedding only (L342)
+            e_erase = embed_prompts(pipe, [token])  # the next round erases this embedding only (L342)
         tail = max(1, len(ti_losses) // 10)
         info.append({
             "round": k, "erased": erased, "esd_steps": iterations, "esd_loss": _thin(esd_losses),
@@ -427,12 +427,6 @@ def _subset(n: int, rounds: int, k: int) -> list[int]:
 
 def _thin(xs: list[float]) -> list[float]:
     return [round(float(x), 5) for x in xs[:: max(1, len(xs) // _REPORT_POINTS)]]
-
-
-def _embed(pipe: Any, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder hidden states of ``prompts`` with the pipeline's own tokenisation."""
-    with torch.no_grad():
-        return pipe.encode_prompt(prompts, pipe.unet.device, 1, False)[0]
 
 
 @contextmanager

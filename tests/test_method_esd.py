@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.hparams import ConfigError, check_params
-from bench.sampling import ddim_sampler
+from bench.sampling import ddim_sampler, embed_prompts
 from bench.testing import pipe_weights, sd_scheduler, tiny_concept, tiny_sd_pipeline
-from methods.esd import _embed, _plan, _sample, unlearn
+from methods.esd import _plan, _sample, unlearn
 
 FAST = {"iterations": 3, "ddim_steps": 4, "lr": 1e-3}
 
@@ -67,7 +67,7 @@ def test_parameter_sets_follow_the_compvis_rules():
 def _esd_objective(unet, frozen, pipe, eta: float, steps: int = 4) -> float:
     """The ESD loss averaged over a fixed set of (x_t, t) drawn as the method draws them."""
     sched = ddim_sampler(pipe.scheduler, steps)
-    emb = _embed(pipe, ["", "star"])
+    emb = embed_prompts(pipe, ["", "star"])
     null, word = emb[:1].expand(8, -1, -1), emb[1:].expand(8, -1, -1)
     g = torch.Generator().manual_seed(123)
     total = 0.0

@@ -19,6 +19,7 @@ import methods.receler as rc
 from bench.context import MethodContext
 from bench.hparams import ConfigError, check_params
 from bench.pipeline import DeltaError, check_fits, read_delta, save_delta, snapshot_state
+from bench.sampling import embed_prompts
 from bench.testing import changed, pipe_weights, tiny_concept, tiny_sd_pipeline
 from methods.receler import ERASER_KEY, EraserProcessor, attach_erasers, unlearn
 
@@ -104,7 +105,7 @@ def test_adapter_delta_round_trip_needs_attach_erasers(tmp_path):
     check_fits(fresh.state_dict(), tensors, "delta")
     missing, unexpected = fresh.load_state_dict(tensors, strict=False)
     assert not unexpected
-    emb = rc._embed(pipe, ["star"])
+    emb = embed_prompts(pipe, ["star"])
     assert torch.equal(_predict(fresh, emb), _predict(pipe.unet, emb))
     copy.deepcopy(fresh)  # the evaluator copies θ*: no graph-carrying state may be left in the processors
 
@@ -119,7 +120,7 @@ def test_adapter_delta_loads_through_apply_delta_and_method_weights(tmp_path):
     base = snapshot_state(pipe.unet)
     _run(pipe, tmp_path, iterations=4)
     save_delta(tmp_path / "delta.safetensors", base, pipe.unet, {"method": "receler"})
-    emb = rc._embed(pipe, ["star"])
+    emb = embed_prompts(pipe, ["star"])
     fresh = tiny_sd_pipeline().unet
     apply_delta(fresh, tmp_path / "delta.safetensors", base_hash=state_hash(base))
     assert torch.equal(_predict(fresh, emb), _predict(pipe.unet, emb))
@@ -150,7 +151,7 @@ def test_erasers_are_cached_in_the_reference_layout(tmp_path):
 
 def test_processors_off_or_untrained_are_the_original_unet_and_capture_the_attention():
     pipe = tiny_sd_pipeline(text_len=16)
-    unet, emb = pipe.unet, rc._embed(pipe, ["a star"])
+    unet, emb = pipe.unet, embed_prompts(pipe, ["a star"])
     reference = _predict(unet, emb)
     inputs = {}
     hooks = [unet.get_submodule(a).register_forward_pre_hook(
@@ -231,7 +232,7 @@ def test_regulariser_keeps_the_trained_eraser_inside_the_concept_mask(tmp_path):
         pipe = _text_sensitive_pipeline()
         _run(pipe, tmp_path, iterations=25, adv_iters=0, concept_reg_weight=alpha)
         procs = {a: pipe.unet.get_submodule(a).processor for a in ATTN2}
-        emb = rc._embed(pipe, ["", "star"])
+        emb = embed_prompts(pipe, ["", "star"])
         g = torch.Generator().manual_seed(3)
         outside = inside = 0.0
         for _ in range(4):
@@ -257,7 +258,7 @@ def test_regulariser_keeps_the_trained_eraser_inside_the_concept_mask(tmp_path):
 def test_attack_steps_make_the_erased_model_regenerate_the_concept():
     pipe = _text_sensitive_pipeline()
     unet = pipe.unet.requires_grad_(False)
-    emb = rc._embed(pipe, ["star"])
+    emb = embed_prompts(pipe, ["star"])
     word, start = rc._token_span(pipe.tokenizer, "star", emb.shape[1], 6)
     assert word.tolist() == [1] and start == 2  # L121–123: the word after <bos>, P right after it
     torch.manual_seed(0)
@@ -295,7 +296,7 @@ def test_the_attack_prompt_reaches_the_unet_in_training(tmp_path):
 
     pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
     _run(pipe, tmp_path, iterations=2, adv_iters=3)
-    c = rc._embed(pipe, ["star"])
+    c = embed_prompts(pipe, ["star"])
     assert len(seen) == 6
     for s in seen:
         assert torch.equal(s[:, :2], c[:, :2]) and torch.equal(s[:, 6:], c[:, 6:]) and not torch.allclose(s[:, 2:6], c[:, 2:6])
@@ -309,7 +310,7 @@ def test_the_attack_prompt_reaches_the_unet_in_training(tmp_path):
 
 def test_training_moves_the_concept_to_the_erasure_target_and_other_prompts_less(tmp_path):
     original = _text_sensitive_pipeline()
-    emb = {p: rc._embed(original, [p]) for p in ("", "star", "a circle")}
+    emb = {p: embed_prompts(original, [p]) for p in ("", "star", "a circle")}
     before = {p: _predict(original.unet, e, 16) for p, e in emb.items()}
     target = 2 * before[""] - before["star"]  # ε(∅) − 1·(ε(c) − ε(∅))
     pipe = _text_sensitive_pipeline()
@@ -330,7 +331,7 @@ def test_linearised_merge_equals_the_model_with_affine_erasers():
         torch.nn.init.normal_(p.eraser.up.weight, std=0.3)
         torch.nn.init.normal_(p.eraser.up.bias, std=0.1)
     erasers.clear()
-    emb = rc._embed(pipe, ["", "star", "a circle"])
+    emb = embed_prompts(pipe, ["", "star", "a circle"])
     fit = {}
     for name, p in erasers.procs.items():  # any sample set: the merge must reproduce the fitted affine map exactly
         fit[name] = rc._affine(p.eraser, torch.randn(300, 64) * 3)

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 import methods.sdd as sdd
 from bench.hparams import ConfigError, check_params
-from bench.sampling import ddim_cfg_sample, ddim_sampler
+from bench.sampling import ddim_cfg_sample, ddim_sampler, embed_prompts
 from bench.testing import changed, pipe_weights, sd_scheduler, tiny_concept, tiny_sd_pipeline
 from methods.sdd import unlearn
 
@@ -81,7 +81,7 @@ def _sdd_objective(pipe, null_unet, ddim_steps: int = 4) -> float:
     """mean ‖ε_θ(z_t, c, t) − ε'(z_t, ∅, t)‖² over fixed z_t drawn as the method draws them
     (``null_unet`` samples z_t and gives ε'), one batch per DDIM stopping step."""
     sched = ddim_sampler(pipe.scheduler, ddim_steps)
-    e = sdd._embed(pipe, ["", "star"])
+    e = embed_prompts(pipe, ["", "star"])
     null, word = e[:1], e[1:]
     g = torch.Generator().manual_seed(123)
     total = 0.0
@@ -173,7 +173,7 @@ def test_several_targets_are_removed_in_turn_and_sampled_together():
 
     pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
     report = _run(pipe, steps=4, words="star, pentagram", batch_size=2)
-    words = sdd._embed(pipe, ["star", "pentagram"])
+    words = embed_prompts(pipe, ["star", "pentagram"])
     nearest = [int((s - words).flatten(1).norm(dim=1).argmin()) for s in seen]
     assert nearest == [0, 1, 0, 1]  # iterative: step i removes word i mod n (L698)
     assert all(torch.allclose(s, words[i % 2], atol=1e-5) for i, s in enumerate(seen))

@@ -15,7 +15,7 @@ from safetensors import safe_open
 import methods.spm as spm
 from bench.context import MethodContext
 from bench.hparams import ConfigError, check_params
-from bench.sampling import ddim_sampler
+from bench.sampling import ddim_sampler, embed_prompts
 from bench.testing import changed, pipe_weights, tiny_concept, tiny_sd_pipeline
 from methods.spm import unlearn
 
@@ -105,7 +105,7 @@ def _predict(pipe, emb: torch.Tensor, n: int = 16) -> torch.Tensor:
 
 def test_concept_moves_to_the_erasure_target_while_anchors_move_less(tmp_path):
     original = _text_sensitive_pipeline()
-    emb = {p: spm._embed(original, [p]) for p in ("", "star", "a circle")}
+    emb = {p: embed_prompts(original, [p]) for p in ("", "star", "a circle")}
     torch.manual_seed(99)
     anchors = spm._sample_anchors(emb["star"], 16)  # fresh anchors, not the ones trained on
     before = {p: _predict(original, e) for p, e in emb.items()} | {"anchors": _predict(original, anchors)}
@@ -174,7 +174,7 @@ def test_several_targets_share_one_membrane(tmp_path):
 
     pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
     report = _run(pipe, tmp_path, steps=8, words="star, pentagram", dynamic_resolution=True)
-    words = spm._embed(pipe, ["star", "pentagram"])
+    words = embed_prompts(pipe, ["star", "pentagram"])
     nearest = [int((s - words).flatten(1).norm(dim=1).argmin()) for s in seen]
     assert len(seen) == 8 and set(nearest) == {0, 1}  # a word drawn at random per step (train_spm.py L146–148)
     assert all(torch.allclose(s, words[i], atol=1e-5) for s, i in zip(seen, nearest, strict=True))

@@ -13,6 +13,7 @@ from bench.context import MethodContext
 from bench.hparams import ConfigError, check_params
 from bench.probes import _fewshot as fewshot
 from bench.probes.inversion import placeholders
+from bench.sampling import embed_prompts
 from bench.testing import changed, pipe_weights, tiny_concept, tiny_sd_pipeline, weights
 
 FAST = {"rounds": 2, "adv_embeddings": 2, "ste_iterations": 2, "reo_iterations": 3, "ddim_steps": 4, "ti_steps": 3,
@@ -154,7 +155,7 @@ def test_ste_erasure_lowers_its_objective():
     teacher = copy.deepcopy(pipe.unet).requires_grad_(False)
     work = copy.deepcopy(pipe.unet).requires_grad_(False)
     sched = stereo.ddim_sampler(pipe.scheduler, 4)
-    emb = stereo._embed(pipe, ["", "star"])
+    emb = embed_prompts(pipe, ["", "star"])
     names = stereo._trainable_names(work, "xattn")
     g_neg = 12.0  # η = 10: a target far from the text-insensitive random UNet's prediction
 
