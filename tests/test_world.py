@@ -162,3 +162,21 @@ def test_micro_world_build_runs_and_resumes(tmp_path):
     b = load_file(str(resumed / "unet" / "diffusion_pytorch_model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@needs_world
+def test_world_check_of_one_gold_merges_into_an_existing_table(tmp_path, capsys):
+    """``check --golds star``: only that gold is measured and merged into ``check.json``; the rest stays."""
+    from bench.world.check import run_check
+
+    (tmp_path / "check.json").write_text(json.dumps({"seeds": 1, "base": ["kept"], "gold": {"red": {"kept": True}}}))
+    got = run_check(WORLD, seeds=1, out=tmp_path, golds=["star"])
+    assert set(got) == {"star"} and set(got["star"]["forget_detection"]) and 0 <= got["star"]["forget_detection_mean"] <= 1
+    merged = json.loads((tmp_path / "check.json").read_text())
+    assert merged["base"] == ["kept"] and merged["gold"]["red"] == {"kept": True} and merged["gold"]["star"] == got["star"]
+    with pytest.raises(SystemExit) as e:
+        run_check(WORLD, seeds=2, out=tmp_path, golds=["star"])  # another seed count is not merged
+    assert e.value.code == 2 and "differs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run_check(WORLD, seeds=1, golds=["nope"])
+    assert e.value.code == 2 and "no shipped gold for ['nope']" in capsys.readouterr().err

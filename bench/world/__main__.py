@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--seeds", type=int, default=64)
     c.add_argument("--world", default=str(Path(__file__).parent / "assets" / "shapes"))
     c.add_argument("--out", default=None, help="write the table (JSON) and grids here")
+    c.add_argument("--golds", nargs="+", default=None, help="check only these gold models (e.g. one just built)")
     t = sub.add_parser("throughput", help="benchmark generation speed (images/s) of the shipped base model")
     t.add_argument("--batch", type=int, default=64)
     t.add_argument("--world", default=str(Path(__file__).parent / "assets" / "shapes"))
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "check":
         from bench.world.check import run_check
 
-        run_check(Path(args.world), seeds=args.seeds, out=Path(args.out) if args.out else None)
+        run_check(Path(args.world), seeds=args.seeds, out=Path(args.out) if args.out else None, golds=args.golds)
     else:
         import json
 

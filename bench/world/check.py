@@ -63,11 +63,24 @@ def detector_accuracy(world: Path, det: Detector, n: int = 2000) -> dict:
     return accuracy_report(det, vae, render_random(n, seed=999_999))
 
 
-def run_check(world: Path, seeds: int = 64, out: Path | None = None) -> dict:
+def run_check(world: Path, seeds: int = 64, out: Path | None = None, golds: list[str] | None = None) -> dict:
+    """The whole table; with ``golds`` only those gold models (a gold just built), merged into
+    ``out/check.json`` when it exists."""
     t0 = time.time()
-    pipe, det = load_world(world)
     presets = _presets()
     seed_list = list(range(seeds))
+    if golds:
+        table = out / "check.json" if out is not None else None
+        full = json.loads(table.read_text()) if table is not None and table.exists() else None
+        if full is not None and full.get("seeds") != seeds:  # checked before any model runs
+            _usage_error(f"`--seeds` {seeds} differs from {table}'s {full.get('seeds')}: not merged")
+        result = check_golds(world, Detector.load(world / "detector"), presets, seed_list, only=golds)
+        if full is not None:
+            full.setdefault("gold", {}).update(result)
+            table.write_text(json.dumps(full, indent=1))
+            print(f"\nmerged into {table}")
+        return result
+    pipe, det = load_world(world)
     result: dict = {"seeds": seeds, "guidance": 7.5, "steps": 20}
 
     acc = detector_accuracy(world, det)
@@ -103,9 +116,29 @@ def run_check(world: Path, seeds: int = 64, out: Path | None = None) -> dict:
         worst = {h: min(r[h] for r in sel if h in r) for h in means}
         print(f"  mean {cls:7s}: " + "  ".join(f"{h} {means[h]:.3f} (min {worst[h]:.3f})" for h in means))
 
+    result["gold"] = check_golds(world, det, presets, seed_list)
+    result["seconds"] = time.time() - t0
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "check.json").write_text(json.dumps(result, indent=1))
+        for name, g in grids.items():
+            save_grid(g, out / f"grid-{name}.png", cols=8)
+        print(f"\nwrote {out / 'check.json'} and grids")
+    return result
+
+
+def check_golds(world: Path, det: Detector, presets: dict[str, dict], seed_list: list[int], only: list[str] | None = None) -> dict:
+    """Each shipped gold UNet (``only``: these): concept detection on its preset's forget prompts
+    (any of its excluded factor values), fidelity on its retain prompts; printed and returned."""
+    seeds = len(seed_list)
     gold = {}
     wj = json.loads((world / "world.json").read_text()) if (world / "world.json").exists() else {}
+    unknown = sorted(set(only or ()) - set(wj.get("gold", {})))
+    if unknown:
+        _usage_error(f"`--golds`: no shipped gold for {unknown}; the world has {sorted(wj.get('gold', {}))}")
     for name, g in sorted(wj.get("gold", {}).items()):
+        if only and name not in only:
+            continue
         gpipe, _ = load_world(world, world / g["unet"])
         cfg = presets[name]
         forget, retain = cfg["forget_prompts"], cfg["retain_prompts"]
@@ -125,15 +158,15 @@ def run_check(world: Path, seeds: int = 64, out: Path | None = None) -> dict:
         what = " or ".join(f"{f}={v}" for f, v in pairs)
         print(f"\ngold[{name}]: {what} detected in {np.mean(det_rates):.3f} of forget-prompt images (max {max(det_rates):.3f});"
               f" retain-prompt fidelity {np.mean(ret_all):.3f} (min {min(ret_all):.3f})")
-    result["gold"] = gold
-    result["seconds"] = time.time() - t0
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "check.json").write_text(json.dumps(result, indent=1))
-        for name, g in grids.items():
-            save_grid(g, out / f"grid-{name}.png", cols=8)
-        print(f"\nwrote {out / 'check.json'} and grids")
-    return result
+    return gold
+
+
+def _usage_error(message: str) -> None:
+    """One message on stderr and exit 2, like every bad input to the CLI."""
+    import sys
+
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def save_grid(images: np.ndarray, path: Path, cols: int = 8, scale: int = 2) -> None:
