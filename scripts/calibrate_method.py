@@ -25,6 +25,7 @@ records (``make bench``) add specificity, intervals and the probes.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -84,8 +85,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     rows = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
     pipe, detector = cal.load(ROOT / "bench/world/assets/shapes")
-    original = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    text_original = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    # Fresh copies before every measurement: a method may edit the text encoder (AdvUnlearn) or add
+    # modules to the UNet (Receler's erasers), which loading a saved state dict back would not undo.
+    unet, text_encoder = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
     seeds, para, keep = range(args.seeds), range(args.paraphrase_seeds), range(args.retain_seeds)
     base: dict[str, dict] = {}
     for entry, c, cfg, checked in jobs:
@@ -93,11 +95,9 @@ def main() -> int:
         if key in rows:
             continue
         concept = build_concept(cfg)
+        pipe.unet, pipe.text_encoder = copy.deepcopy(unet), copy.deepcopy(text_encoder)
         if c not in base:
-            pipe.unet.load_state_dict(original)
-            base[c] = {**cal.measure(pipe, concept, detector, seeds, keep)}
-        pipe.unet.load_state_dict(original)
-        pipe.text_encoder.load_state_dict(text_original)
+            base[c] = cal.measure(pipe, concept, detector, seeds, keep)
         fn, params = checked["fn"], dict(checked["params"])
         if takes_context(fn):
             params["ctx"] = MethodContext(cache_dir=(ROOT / cfg.cache_dir).resolve(), progress=False, seed=args.seed)
@@ -117,8 +117,6 @@ def main() -> int:
             os.replace(tmp, args.json)
         if args.out:
             write_table(args, rows)
-    pipe.unet.load_state_dict(original)
-    pipe.text_encoder.load_state_dict(text_original)
     if args.out:
         write_table(args, rows)
     return 0
