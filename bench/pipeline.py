@@ -234,9 +234,15 @@ def changed_tensors(base: dict[str, torch.Tensor], module: torch.nn.Module | dic
     return out
 
 
+def delta_text_names(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """A text-encoder state dict under the names deltas use: no ``text_model.`` level (module
+    docstring), each name after ``prefix`` (``TEXT_ENCODER_PREFIX`` for the keys in the file)."""
+    return {prefix + k.removeprefix("text_model."): v for k, v in state.items()}
+
+
 def text_encoder_state(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A text encoder's state dict under the names deltas use (no ``text_model.`` level, module docstring)."""
-    return {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    """A text encoder's state dict under the names deltas use (``delta_text_names``)."""
+    return delta_text_names(text_encoder.state_dict())
 
 
 def save_delta(path: str | Path, base: dict[str, torch.Tensor], unet: torch.nn.Module, metadata: dict[str, Any], *,
@@ -253,10 +259,10 @@ def save_delta(path: str | Path, base: dict[str, torch.Tensor], unet: torch.nn.M
     meta = {k: json.dumps(v, sort_keys=True, default=str) for k, v in metadata.items()}
     meta["base_hash"] = json.dumps(state_hash(base))
     if text_encoder is not None:
-        te_base = {k.removeprefix("text_model."): v for k, v in text_encoder_base.items()}
+        te_base = delta_text_names(text_encoder_base)
         te = changed_tensors(te_base, text_encoder_state(text_encoder))
         if te:
-            delta.update({TEXT_ENCODER_PREFIX + k: v for k, v in te.items()})
+            delta.update(delta_text_names(te, TEXT_ENCODER_PREFIX))
             meta[TEXT_ENCODER_HASH_KEY] = json.dumps(state_hash(te_base))
     meta["format"] = DELTA_FORMAT
     path = Path(path)

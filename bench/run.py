@@ -39,6 +39,7 @@ from bench.pipeline import (
     autocast_dtype,
     changed_components,
     delta_names,
+    delta_text_names,
     describe_pipeline,
     load_pipeline,
     load_tensors,
@@ -173,7 +174,7 @@ class Job:
                 load_tensors(text_encoder, te_base)
                 if offload:
                     self.theta.to(self.device)
-            base = {**self.base_state, **{TEXT_ENCODER_PREFIX + k.removeprefix("text_model."): v for k, v in te_base.items()}}
+            base = {**self.base_state, **delta_text_names(te_base, TEXT_ENCODER_PREFIX)}
             changed = sum(base[n].numel() for n in names if n in base)
             own = star.state_dict()  # tensors a method adds (Receler's erasers) are not in the base
             added = sum(own[n].numel() for n in names if n not in base and n in own)
