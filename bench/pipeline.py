@@ -376,16 +376,26 @@ def attach_modules(unet: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> N
         attach_erasers(unet, {k: v for k, v in tensors.items() if ERASER_KEY.match(k)})
 
 
+def checked_parts(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, tensors: dict[str, torch.Tensor],
+                  meta: dict[str, Any], label: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A delta's or state dict's (UNet, text-encoder) tensors, checked against the modules they will be
+    loaded into (names, shapes, the text encoder's base hash), with any module the UNet part adds
+    built first (``attach_modules``). Nothing is loaded: the caller checks the UNet's base hash, then
+    ``load_tensors`` each part."""
+    unet_tensors, te_tensors = split_delta(tensors)
+    attach_modules(unet, unet_tensors)
+    check_fits(unet.state_dict(), unet_tensors, label)
+    check_text_encoder(text_encoder, te_tensors, meta, label)
+    return unet_tensors, te_tensors
+
+
 def apply_delta(unet: torch.nn.Module, path: str | Path, base_hash: str | None = None, *,
                 text_encoder: torch.nn.Module | None = None) -> dict[str, Any]:
     """Load a delta into ``unet`` (and its text-encoder tensors into ``text_encoder``) in place,
     checking names, shapes and base-model hashes (the text encoder's only when it has tensors)."""
     tensors, meta = read_delta(path)
     label = f"`{path}`"
-    unet_tensors, te_tensors = split_delta(tensors)
-    attach_modules(unet, unet_tensors)
-    check_fits(unet.state_dict(), unet_tensors, label)
-    check_text_encoder(text_encoder, te_tensors, meta, label)  # before the UNet's hash: its message names a tensor
+    unet_tensors, te_tensors = checked_parts(unet, text_encoder, tensors, meta, label)  # before the UNet's hash: its messages name a tensor
     if base_hash is not None and meta.get("base_hash") != base_hash:
         raise DeltaError(f"{label} was made for base model {meta.get('base_hash')}, not this one ({base_hash})")
     load_tensors(unet, unet_tensors)

@@ -29,13 +29,10 @@ from bench.hparams import SafetensorsFile
 from bench.pipeline import (
     DELTA_FORMAT,
     DeltaError,
-    attach_modules,
-    check_fits,
-    check_text_encoder,
+    checked_parts,
     decode_meta,
     load_tensors,
     read_safetensors,
-    split_delta,
     state_hash,
 )
 
@@ -45,13 +42,10 @@ def unlearn(pipe: Any, concept: Any, *, path: Annotated[str, SafetensorsFile()])
     in place, checked: names, shapes, base model; no training."""
     label = f"`method.params.path` = {path!r}"
     tensors, raw = read_safetensors(path, label)
-    unet_tensors, te_tensors = split_delta(tensors)
     is_delta = raw.get("format") == DELTA_FORMAT
     meta = decode_meta(raw) if is_delta else {}
     mine = state_hash(pipe.unet.state_dict()) if is_delta else None  # the base's, before any module is added
-    attach_modules(pipe.unet, unet_tensors)  # a Receler delta's eraser processors
-    check_fits(pipe.unet.state_dict(), unet_tensors, label)
-    check_text_encoder(pipe.text_encoder, te_tensors, meta, label)
+    unet_tensors, te_tensors = checked_parts(pipe.unet, pipe.text_encoder, tensors, meta, label)
     kind = "state dict"
     if is_delta:
         base = meta.get("base_hash")
