@@ -19,7 +19,9 @@ before every edit, torch seeded with ``--seed``), and measured with the world's 
 - the method's wall time at ``--threads`` torch threads.
 
 Rows are kept in ``--json`` as they finish, so an interrupted screen resumes; the Markdown table is
-rewritten from all rows after each one. This measures the method, not a verdict: the benchmark's
+rewritten from all rows after each one. Each row keeps the hyperparameters it ran with: it is reused
+only while they match, and a row measured under an earlier override stays, labelled by the values
+that differ. This measures the method, not a verdict: the benchmark's
 records (``make bench``) add specificity, intervals and the probes.
 """
 from __future__ import annotations
@@ -92,8 +94,13 @@ def main() -> int:
     base: dict[str, dict] = {}
     for entry, c, cfg, checked in jobs:
         key = f"{entry or 'as shipped'} | {c}"
-        if key in rows:
+        resolved = _plain(checked["params"])
+        if key in rows and rows[key].get("params", resolved) == resolved:
             continue
+        if key in rows:  # the shipped override changed since this row ran: keep the old row under its values
+            old = rows.pop(key)
+            changed = ",".join(f"{k}={v}" for k, v in sorted(old["params"].items()) if resolved.get(k) != v)
+            rows[f"{changed} | {c}"] = {**old, "entry": changed}
         concept = build_concept(cfg)
         pipe.unet, pipe.text_encoder = copy.deepcopy(unet), copy.deepcopy(text_encoder)
         if c not in base:
@@ -109,7 +116,8 @@ def main() -> int:
         edited = cal.measure(pipe, concept, detector, seeds, keep)
         paraphrase = cal.forget_rates(pipe, concept, detector, para)
         rows[key] = {"entry": entry, "concept": c, **cal.row(base[c], edited, concept),
-                     "paraphrase": float(np.mean(list(paraphrase.values()))), "seconds": seconds}
+                     "paraphrase": float(np.mean(list(paraphrase.values()))), "seconds": seconds,
+                     "params": resolved}
         print(f"{key}: {json.dumps(rows[key])}", flush=True)
         if args.json:
             tmp = args.json.with_suffix(".tmp")
@@ -120,6 +128,11 @@ def main() -> int:
     if args.out:
         write_table(args, rows)
     return 0
+
+
+def _plain(params: dict) -> dict:
+    """The method's resolved hyperparameters as JSON values (a row is reused only while they match)."""
+    return {k: v for k, v in json.loads(json.dumps(dict(params), default=str)).items() if k != "ctx"}
 
 
 def write_table(args, rows: dict) -> None:
