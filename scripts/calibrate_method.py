@@ -95,12 +95,8 @@ def main() -> int:
     for entry, c, cfg, checked in jobs:
         key = f"{entry or 'as shipped'} | {c}"
         resolved = _plain(checked["params"])
-        if key in rows and rows[key].get("params", resolved) == resolved:
+        if reuse(rows, key, resolved):
             continue
-        if key in rows:  # the shipped override changed since this row ran: keep the old row under its values
-            old = rows.pop(key)
-            changed = ",".join(f"{k}={v}" for k, v in sorted(old["params"].items()) if resolved.get(k) != v)
-            rows[f"{changed} | {c}"] = {**old, "entry": changed}
         concept = build_concept(cfg)
         pipe.unet, pipe.text_encoder = copy.deepcopy(unet), copy.deepcopy(text_encoder)
         if c not in base:
@@ -128,6 +124,21 @@ def main() -> int:
     if args.out:
         write_table(args, rows)
     return 0
+
+
+def reuse(rows: dict, key: str, resolved: dict) -> bool:
+    """Whether ``rows[key]`` was measured with ``resolved`` (rows without ``params`` predate them and
+    count as matching). A row measured under other values (the shipped override changed since) is
+    moved to a key naming the values that differ, so it stays in the table and ``key`` is re-run."""
+    if key not in rows:
+        return False
+    old = rows[key]
+    if old.get("params", resolved) == resolved:
+        return True
+    changed = ",".join(f"{k}={v}" for k, v in sorted(old["params"].items()) if resolved.get(k) != v)
+    concept = key.rsplit(" | ", 1)[1]
+    rows[f"{changed} | {concept}"] = {**rows.pop(key), "entry": changed}
+    return False
 
 
 def _plain(params: dict) -> dict:
