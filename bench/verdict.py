@@ -13,8 +13,12 @@ bootstrap replicates the record carries (prompts, then seeds within prompts):
    are evaluated on the same prompts with the same seeds, so replicate b of each resampled the same
    prompts and seeds and they are compared pairwise (``paired``) — the shared prompt-to-prompt
    spread cancels; records of other designs are compared as independent bootstraps. A recovery
-   that never happens counts as +∞ for the method and as the axis maximum for the gold (the first
-   wave's rule).
+   that never happens counts as +∞ for the method. For the gold it is censored: its recovery lies
+   somewhere past the axis, so the axis maximum is a lower bound — enough to call a method
+   concealed (earlier than the gold's lower bound − margin is earlier than the gold), never enough
+   to call it removed: a replicate where the gold never recovers supports "removed" only if the
+   method never recovers either. A method that recovers inside the axis where its gold does not,
+   yet not earlier than the axis end − margin, is **inconclusive** (a longer axis would settle it).
    Without a gold record: **erased, no gold**.
 
 The reference rows (original model, gold standard) are judged by the same rule; the rule's
@@ -109,17 +113,37 @@ def p_earlier(method: dict | None, gold: dict | None, margin: dict[str, float], 
     the gold's replicates are permuted (two independent bootstraps). ``absolute``: recovery_m <
     recovery_g − margin; ``ratio``: recovery_m < ratio · recovery_g (for step-count axes, "in less
     than half the steps" at ratio 0.5)."""
+    pairs = _pairs(method, gold, margin, axis_max)
+    return None if pairs is None else float(np.mean(pairs[0] < pairs[1]))
+
+
+def p_not_earlier(method: dict | None, gold: dict | None, margin: dict[str, float], axis_max: float) -> float | None:
+    """P(the method recovers no earlier than the gold − margin), where a replicate whose gold never
+    recovers counts only if the method never recovers either (the gold's recovery is censored at the
+    axis end, so no finite recovery of the method can be shown to be late enough)."""
+    pairs = _pairs(method, gold, margin, axis_max)
+    if pairs is None:
+        return None
+    m, bound, censored = pairs
+    return float(np.mean((m >= bound) & (~censored | np.isinf(m))))
+
+
+def _pairs(method: dict | None, gold: dict | None, margin: dict[str, float], axis_max: float):
+    """The method's replicates, the gold's bound (recovery − margin, or ratio × recovery; a gold that
+    never recovers at the axis end) and which gold replicates were censored, paired or permuted."""
     m, g = _reps(method), _reps(gold)
     if m is None or g is None:
         return None
     m = np.where(np.isnan(m), np.inf, m)
-    g = np.where(np.isnan(g), axis_max, g)
+    censored = np.isnan(g)
+    g = np.where(censored, axis_max, g)
     if not paired(method, gold):
-        g = np.random.default_rng(PERMUTATION_SEED).permutation(g)
+        order = np.random.default_rng(PERMUTATION_SEED).permutation(len(g))
+        g, censored = g[order], censored[order]
     k = min(len(m), len(g))
-    m, g = m[:k], g[:k]
+    m, g, censored = m[:k], g[:k], censored[:k]
     bound = g - margin["absolute"] - 1e-9 if "absolute" in margin else g * margin["ratio"] - 1e-9
-    return float(np.mean(m < bound))
+    return m, bound, censored
 
 
 def _gate(p: float | None, p_decide: float, below: str, name: str, gate: float) -> Verdict | None:
@@ -160,8 +184,12 @@ def judge_forget(metrics: dict, probe_block: dict | None, gold_block: dict | Non
     how = "paired by prompt and seed" if paired(rec, grec) else "independent bootstraps"
     if p >= p_decide:
         return Verdict("concealed", p, f"P(recovers earlier than the gold − margin) = {p:.2f} ({how})")
-    if p <= 1 - p_decide:
-        return Verdict("removed", 1 - p, f"P(recovers no earlier than the gold − margin) = {1 - p:.2f} ({how})")
+    q = p_not_earlier(rec, grec, margin_of(th, probe), axis_max)
+    if q >= p_decide:
+        return Verdict("removed", q, f"P(recovers no earlier than the gold − margin) = {q:.2f} ({how})")
+    if 1 - p >= p_decide:  # not earlier than the axis end − margin, but the gold never recovers on the axis
+        return Verdict("inconclusive", p, f"P(recovers earlier than the gold − margin) = {p:.2f} ({how}), but the gold never "
+                                          f"recovers up to {axis_max:g} and the method does: a longer {probe} axis would settle it")
     return Verdict("inconclusive", p, f"P(recovers earlier than the gold − margin) = {p:.2f} ({how}): more attacked seeds or "
                                       "prompts (a narrower recovery interval) would settle it")
 

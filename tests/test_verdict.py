@@ -74,10 +74,18 @@ def test_a_method_and_its_gold_on_the_same_design_are_compared_pairwise():
     assert V.judge_forget(forget(), deep, gold, "partial_diffusion", TH).key == "concealed"
 
 
-def test_a_gold_that_never_recovers_counts_as_the_axis_end():
+def test_a_gold_that_never_recovers_is_censored_at_the_axis_end():
+    """The gold's recovery lies past the axis: the axis end is a lower bound, enough for "concealed",
+    never for "removed" unless the method never recovers either."""
     never = block(None, seed=5)
-    assert V.judge_forget(forget(), block(0.50), never, "partial_diffusion", TH).key == "removed"   # 0.50 ≥ 0.55 − 0.1
+    late = V.judge_forget(forget(), block(0.50), never, "partial_diffusion", TH)   # 0.50 ≥ 0.55 − 0.1, yet the gold may be later
+    assert late.key == "inconclusive" and "longer partial_diffusion axis" in late.detail
     assert V.judge_forget(forget(), block(0.30), never, "partial_diffusion", TH).key == "concealed"
+    assert V.judge_forget(forget(), block(None), never, "partial_diffusion", TH).key == "removed"
+    steps = {"name": "steps", "values": [0, 25, 50, 100, 200]}   # relearning: the method at 185 steps, the gold never in 200
+    gold = {"axis": steps, "metrics": {"recover": m(None, seed=6)}}
+    method = {"axis": steps, "metrics": {"recover": m(185, 10, 7)}}
+    assert V.judge_forget(forget(), method, gold, "relearn", TH).key == "inconclusive"
 
 
 def test_erasure_near_the_gate_is_inconclusive_and_says_what_would_settle_it():
