@@ -132,14 +132,14 @@ def main() -> int:
                 "| concept | method | probe | recovery point per seed | verdict per seed | agree |", "|---|---|---|---|---|---|"]
         for c in concepts:
             for m in a.methods:
-                rs = [by.get((c, m, s)) for s in seeds]
-                if any(r is None for r in rs):
+                rs = [r for s in seeds if (r := by.get((c, m, s))) is not None]
+                if len(rs) < 2:  # a row replicated in some seeds is shown with the seeds it has
                     continue
                 for p in probes:
                     if not all(p in r["probes"] for r in rs):
                         continue
                     vs = [judge(r, by.get((c, "retrain", r["seed"])), p, th) for r in rs]
-                    recs_ = [fmt_recover(r["probes"][p]["metrics"].get("recover")) for r in rs]
+                    recs_ = [f"{r['seed']}: " + fmt_recover(r["probes"][p]["metrics"].get("recover")) for r in rs]
                     agree = "yes" if len({v.key for v in vs}) == 1 else "no → inconclusive"
                     out.append(f"| {c} | {m} | {display[p]} | {' · '.join(recs_)} | {' · '.join(vtext(v) for v in vs)} | {agree} |")
         out += cross_seed_gold(by, concepts, seeds, probes, display, th)
