@@ -107,8 +107,21 @@ def load(source: str, path: Path, schema: dict) -> tuple[Record | None, list[Iss
     record = Record(source, Path(path).parent, data)
     warnings += _check_prompts(data)
     record.artifacts, artifact_warnings = _check_artifacts(record, schema)
-    warnings += artifact_warnings
-    return record, [Issue(source, w, "warning") for w in notes + warnings]
+    infos = []
+    if _replicate_without_images(record, artifact_warnings):
+        # `leaderboard publish` copies images of seed-0 records only; the page shows that seed's grids
+        infos = [f"seed {data['seed']} published without its images (the page shows seed 0's); "
+                 "`python -m leaderboard publish --images all` keeps them"]
+    else:
+        warnings += artifact_warnings
+    return record, [Issue(source, w, "warning") for w in notes + warnings] + [Issue(source, i, "info") for i in infos]
+
+
+def _replicate_without_images(record: Record, artifact_warnings: list[str]) -> bool:
+    """A replicate (seed ≥ 1) record none of whose images are present: published as designed, not broken."""
+    seed = record.data.get("seed")
+    return (isinstance(seed, int) and seed != 0 and bool(artifact_warnings) and not record.artifacts
+            and all(w.endswith("not found; not shown") for w in artifact_warnings))
 
 
 def _check_header(data: dict, versions: tuple[int, ...]) -> str | None:

@@ -159,6 +159,9 @@ def test_more_validation(tmp_path):
     not_number = record("k-str", "esd", concept="red")
     not_number["retain"]["retention"]["value"] = "0.9"
     write(root, not_number)
+    replicate = record("k-seed1", "esd", concept="stripes", seed=1)  # published without images, as designed
+    replicate["artifacts"] = {"grid_o": "grid_lambda_o.png", "grid_u": "grid_lambda_u.png"}
+    write(root, replicate)
     bad_protocol = record("k-proto", "esd", concept="red")
     bad_protocol["protocol"]["guidance"] = float("nan")
     write(root, bad_protocol)
@@ -172,11 +175,13 @@ def test_more_validation(tmp_path):
     assert issues["k-escape"] == [
         'warning: artifact `grid_o` ("../../../../../../etc/passwd.png") must be a path inside the record\'s folder; not shown',
         'warning: artifact `grid_u` ("missing.png") not found; not shown']
+    assert issues["k-seed1"] == ["info: seed 1 published without its images (the page shows seed 0's); "
+                                 "`python -m leaderboard publish --images all` keeps them"]
     assert issues["k-str"] == ['error: `retain.retention.value` must be a number, got "0.9"']
     assert issues["k-proto"] == ["error: `protocol` contains NaN or Infinity"]
     assert _rows(out)[("k-kid", "forget")]["kid_po"] == ""
     assert not (out / "records" / "k-escape").exists()
-    assert {r.data["job_key"] for r in result.records} == {"k-ok", "k-kid", "k-escape"}
+    assert {r.data["job_key"] for r in result.records} == {"k-ok", "k-kid", "k-escape", "k-seed1"}
 
 
 def test_duplicate_job_key_prefers_published_copy(tmp_path):
