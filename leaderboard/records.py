@@ -106,22 +106,9 @@ def load(source: str, path: Path, schema: dict) -> tuple[Record | None, list[Iss
         return None, [Issue(source, "; ".join(errors))]
     record = Record(source, Path(path).parent, data)
     warnings += _check_prompts(data)
-    record.artifacts, artifact_warnings = _check_artifacts(record, schema)
-    infos = []
-    if _replicate_without_images(record, artifact_warnings):
-        # `leaderboard publish` copies images of seed-0 records only; the page shows that seed's grids
-        infos = [f"seed {data['seed']} published without its images (the page shows seed 0's); "
-                 "`python -m leaderboard publish --images all` keeps them"]
-    else:
-        warnings += artifact_warnings
+    record.artifacts, artifact_warnings, infos = _check_artifacts(record, schema)
+    warnings += artifact_warnings
     return record, [Issue(source, w, "warning") for w in notes + warnings] + [Issue(source, i, "info") for i in infos]
-
-
-def _replicate_without_images(record: Record, artifact_warnings: list[str]) -> bool:
-    """A replicate (seed ≥ 1) record none of whose images are present: published as designed, not broken."""
-    seed = record.data.get("seed")
-    return (isinstance(seed, int) and seed != 0 and bool(artifact_warnings) and not record.artifacts
-            and all(w.endswith("not found; not shown") for w in artifact_warnings))
 
 
 def _check_header(data: dict, versions: tuple[int, ...]) -> str | None:
@@ -196,12 +183,13 @@ def _check_prompts(data: dict) -> list[str]:
     return []
 
 
-def _check_artifacts(record: Record, schema: dict) -> tuple[dict[str, Path], list[str]]:
-    """Image files the record references, resolved inside the record's folder only."""
+def _check_artifacts(record: Record, schema: dict) -> tuple[dict[str, Path], list[str], list[str]]:
+    """Image files the record references, resolved inside the record's folder only; then warnings,
+    and infos (a replicate seed published without any of its images, as `publish` does by default)."""
     artifacts = record.data.get("artifacts")
     if not isinstance(artifacts, dict):
-        return {}, []
-    found, warnings = {}, []
+        return {}, [], []
+    found, warnings, n_missing = {}, [], 0
     base = record.directory.resolve()
     for key in artifact_keys(record.data, schema):
         if artifacts.get(key) is None:
@@ -214,9 +202,14 @@ def _check_artifacts(record: Record, schema: dict) -> tuple[dict[str, Path], lis
             warnings.append(f"artifact `{key}` ({_show(rel)}) is not an image ({', '.join(schema['artifact_extensions'])}); not shown")
         elif not path.is_file():
             warnings.append(f"artifact `{key}` ({_show(rel)}) not found; not shown")
+            n_missing += 1
         else:
             found[key] = path
-    return found, warnings
+    seed = record.data.get("seed")
+    if warnings and n_missing == len(warnings) and not found and isinstance(seed, int) and seed != 0:
+        return found, [], [f"seed {seed} published without its images (the page shows seed 0's); "
+                           "`python -m leaderboard publish --images all` keeps them"]
+    return found, warnings, []
 
 
 def artifact_keys(data: dict, schema: dict) -> list[str]:
