@@ -5,8 +5,10 @@
 
 ``--records`` summarises every record under a folder: per probe, the median / min / max of its
 ``cost.probes.<name>.seconds`` (its per-model preparation + its runs on every prompt + scoring), and
-per job the wall time without the method's own unlearning; only records made with ``--threads``
-torch threads count (``env.threads``; default 2). ``--run`` runs ``python -m bench … probes=all``
+per job the wall time without the method's own unlearning, then the same per method and probe set
+(the issues' "quick job's wall time per method"); only records of the current record schema made with
+``--threads`` torch threads count (``env.threads``; default 2) — a first-wave record ran another
+protocol, so its times would mix two jobs of different size. ``--run`` runs ``python -m bench … probes=all``
 in a fresh output and cache folder each time (nothing reused: θ's λ_O and ψ-prefixes are computed
 too) and summarises those records. Timings mean something only with nothing else on the machine.
 Prints a Markdown table; ``--json`` also writes the numbers.
@@ -22,6 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.recordspec import SCHEMA_VERSION  # noqa: E402  (torch-free)
+
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_PROBE_S, GOAL_JOB_S = 120.0, 180.0  # the issues' goals at eval=quick on 2 cores
 
@@ -32,6 +37,8 @@ def _records(folder: Path, threads: int | None) -> list[dict]:
         r = json.loads(p.read_text())
         if r.get("status") == "failed" or (threads is not None and (r.get("env") or {}).get("threads") != threads):
             continue
+        if int(r.get("schema_version", 1)) != SCHEMA_VERSION:
+            continue
         out.append(r)
     return out
 
@@ -39,19 +46,28 @@ def _records(folder: Path, threads: int | None) -> list[dict]:
 def summarise(records: list[dict]) -> dict:
     probes: dict[str, list[float]] = {}
     jobs = []
+    per_method: dict[str, dict[str, list[float]]] = {}
     for r in records:
         c = r.get("cost") or {}
-        for name, b in (c.get("probes") or {}).items():
+        ran = c.get("probes") or {}
+        for name, b in ran.items():
             if b.get("seconds") is not None:
                 probes.setdefault(name, []).append(float(b["seconds"]))
         total = c.get("total_seconds")
         if total is not None:
-            jobs.append(float(total) - float((c.get("unlearn") or {}).get("seconds") or 0.0))
+            unlearn = float((c.get("unlearn") or {}).get("seconds") or 0.0)
+            jobs.append(float(total) - unlearn)
+            key = f"{(r.get('method') or {}).get('name', '?')} | {'all' if len(ran) > 1 else ', '.join(ran) or '—'}"
+            m = per_method.setdefault(key, {"job": [], "unlearn": []})
+            m["job"].append(float(total) - unlearn)
+            m["unlearn"].append(unlearn)
 
     def stats(xs: list[float]) -> dict:
         return {"n": len(xs), "median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else {"n": 0}
 
-    return {"probes": {k: stats(v) for k, v in probes.items()}, "job_without_unlearn": stats(jobs)}
+    return {"probes": {k: stats(v) for k, v in probes.items()}, "job_without_unlearn": stats(jobs),
+            "per_method": {k: {"job_without_unlearn": stats(v["job"]), "unlearn": stats(v["unlearn"])}
+                           for k, v in sorted(per_method.items())}}
 
 
 def table(s: dict, where: str) -> str:
@@ -63,6 +79,14 @@ def table(s: dict, where: str) -> str:
             continue
         goal = GOAL_JOB_S if name.startswith("job") else GOAL_PROBE_S
         lines.append(f"| {name} | {st['n']} | {st['median']:.0f} | {st['min']:.0f} | {st['max']:.0f} | {'yes' if st['median'] <= goal else 'no'} |")
+    lines += ["", "Per method and probe set (job = wall time without the method's own unlearning):", "",
+              "| method | probes | jobs | job median | job min | job max | unlearn median | job goal met (median) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for key, st in s.get("per_method", {}).items():
+        j, u = st["job_without_unlearn"], st["unlearn"]
+        if j.get("n"):
+            lines.append(f"| {key} | {j['n']} | {j['median']:.0f} | {j['min']:.0f} | {j['max']:.0f} | {u['median']:.0f} | "
+                         f"{'yes' if j['median'] <= GOAL_JOB_S else 'no'} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,36 @@
+"""scripts/bench_probes.py: timings come from current-schema records only, per method and probe set."""
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_probes.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_probes", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _record(folder: Path, name: str, method: str, schema: int, total: float, unlearn: float, probes: dict) -> None:
+    (folder / name).mkdir(parents=True)
+    r = {"schema_version": schema, "method": {"name": method}, "env": {"threads": 2},
+         "cost": {"total_seconds": total, "unlearn": {"seconds": unlearn},
+                  "probes": {k: {"seconds": v} for k, v in probes.items()}}}
+    (folder / name / "record.json").write_text(json.dumps(r))
+
+
+def test_first_wave_records_are_left_out_and_jobs_grouped_by_method_and_probes(tmp_path):
+    bp = _load()
+    _record(tmp_path, "a", "uce", bp.SCHEMA_VERSION, 300.0, 0.0, {"partial_diffusion": 150.0})
+    _record(tmp_path, "b", "uce", bp.SCHEMA_VERSION, 500.0, 100.0, {"partial_diffusion": 170.0})
+    _record(tmp_path, "c", "uce", bp.SCHEMA_VERSION, 900.0, 0.0, {"partial_diffusion": 150.0, "inversion": 50.0})
+    _record(tmp_path, "old", "uce", 1, 40.0, 0.0, {"partial_diffusion": 20.0})  # another protocol: not timed here
+    s = bp.summarise(bp._records(tmp_path, 2))
+    assert s["probes"]["partial_diffusion"]["n"] == 3 and s["probes"]["partial_diffusion"]["min"] == 150.0
+    pd = s["per_method"]["uce | partial_diffusion"]
+    assert pd["job_without_unlearn"]["n"] == 2 and pd["job_without_unlearn"]["median"] == 350.0
+    assert pd["unlearn"]["median"] == 50.0
+    assert s["per_method"]["uce | all"]["job_without_unlearn"]["median"] == 900.0
+    assert "| uce | partial_diffusion | 2 | 350 |" in bp.table(s, "test")
