@@ -26,22 +26,35 @@ def cfg_with(tmp_path, *overrides):
                                                         f"cache_dir={tmp_path}/cache", *overrides])
 
 
-@needs_world
-def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path):
+def _interrupt_after_first_prompt(base: Path) -> tuple[list[str], dict, subprocess.Popen, str]:
+    """Start a smoke job, SIGINT it once λ_U of the first prompt is on disk; return what it did."""
     args = [sys.executable, "-m", "bench", "method=noop", "concept=star", "eval=smoke", "logger=none", "threads=1",
-            "eval.max_forget_prompts=2", f"out_dir={tmp_path}/runs", f"cache_dir={tmp_path}/cache"]
+            "eval.max_forget_prompts=2", f"out_dir={base}/runs", f"cache_dir={base}/cache"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not list((tmp_path / "runs").rglob("u-0.safetensors")):
+    while time.time() < deadline and not list((base / "runs").rglob("u-0.safetensors")):
         time.sleep(0.1)
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=120)
+    _, err = p.communicate(timeout=120)
+    return args, env, p, err
+
+
+@needs_world
+def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path):
+    # The rest of a smoke job takes ~15 s after the first prompt; on a loaded machine this process can
+    # be descheduled that long and the job finish before the signal lands (exit 0, a full record).
+    # That is a lost race, not an answer: try again in a fresh folder, at most three times.
+    for attempt in range(3):
+        base = tmp_path / f"try{attempt}"
+        args, env, p, err = _interrupt_after_first_prompt(base)
+        if not (p.returncode == 0 and list((base / "runs").rglob("record.json"))):
+            break
     assert p.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted during ") and last.endswith("re-run the same command to resume"), last
-    assert not list((tmp_path / "runs").rglob("record.json"))
+    assert not list((base / "runs").rglob("record.json"))
     r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed: reused" in r.stdout and "λ_U ×1" in r.stdout  # the finished prompt was reused
