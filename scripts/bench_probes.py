@@ -24,10 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from bench.recordspec import SCHEMA_VERSION  # noqa: E402  (torch-free)
 
-ROOT = Path(__file__).resolve().parents[1]
 GOAL_PROBE_S, GOAL_JOB_S = 120.0, 180.0  # the issues' goals at eval=quick on 2 cores
 
 
@@ -56,10 +56,11 @@ def summarise(records: list[dict]) -> dict:
         total = c.get("total_seconds")
         if total is not None:
             unlearn = float((c.get("unlearn") or {}).get("seconds") or 0.0)
-            jobs.append(float(total) - unlearn)
+            job = float(total) - unlearn
+            jobs.append(job)
             key = f"{(r.get('method') or {}).get('name', '?')} | {'all' if len(ran) > 1 else ', '.join(ran) or '—'}"
             m = per_method.setdefault(key, {"job": [], "unlearn": []})
-            m["job"].append(float(total) - unlearn)
+            m["job"].append(job)
             m["unlearn"].append(unlearn)
 
     def stats(xs: list[float]) -> dict:
