@@ -304,7 +304,8 @@ def _percentile_ci(reps: np.ndarray, censored: bool = False) -> list[float | Non
     r = np.where(np.isnan(reps), np.inf, reps) if censored else reps[np.isfinite(reps)]
     if r.size == 0:
         return None
-    lo, hi = np.percentile(r, [100 * M.ALPHA / 2, 100 * (1 - M.ALPHA / 2)])
+    with np.errstate(invalid="ignore"):  # inf − inf between two "never" replicates: NaN, read as never
+        lo, hi = np.percentile(r, [100 * M.ALPHA / 2, 100 * (1 - M.ALPHA / 2)])
     return [None if not np.isfinite(lo) else float(lo), None if not np.isfinite(hi) else float(hi)]
 
 

@@ -151,3 +151,14 @@ def test_aggregate_records_interval_units_and_replicates():
     e = out["erasure"]
     assert e["n"] == {"prompts": 3, "seeds": 12} and "two-level" in e["resampled"]
     assert len(e["replicates"]) == M.N_BOOT and e["ci"][0] <= e["value"] <= e["ci"][1]
+
+
+def test_a_censored_interval_reads_never_beyond_the_axis_without_numpy_warnings():
+    import warnings
+
+    reps = np.r_[np.linspace(0.1, 0.3, 900), np.full(100, np.nan)]  # 10% of replicates never recover
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a job's log must not carry numpy's inf − inf warning
+        lo, hi = S._percentile_ci(reps, censored=True)
+    assert lo == pytest.approx(0.1 + 0.2 * 24.975 / 899, abs=1e-4) and hi is None  # the 2.5% point: index 24.975 of 1000
+    assert S._percentile_ci(np.linspace(0.1, 0.3, 1000), censored=True)[1] == pytest.approx(0.295, abs=1e-3)
