@@ -42,16 +42,30 @@ def _curve(old: list[dict]) -> list[dict]:
     return [{"x": p["psi"], **{k: p[k] for k in ("p_original", "retrieval", "detection")}} for p in old]
 
 
-def same(expected):
+# Differences of two means of classifier features (the authors' CRS, KID): round-off in the terms is
+# amplified relative to the difference, so these get an absolute tolerance on the terms' scale.
+DIFFERENCES = {"crs_paper", "kid_uo", "kid_po", "kid_pu"}
+
+
+def same(expected, abs_tol: float = 1e-7):
     """Equal up to float32 round-off. Classifier features are float32 sums whose order can change
-    with the CPU's vector width and the thread pool's state: on CI's machine, at the same thread
-    count, the published record's S_O/S_U came back 6e-9 apart and its KID (a difference of kernel
-    means, so round-off is amplified) 2.6e-6 relative. A real change moves them by far more."""
+    with the CPU's vector width and the thread pool's state, and the per-prompt classifier is
+    trained, so the round-off is carried through its training. Measured against these fixtures at
+    the same thread count: on CI's earlier machine S_O/S_U came back 6e-9 apart and KID 2.6e-6
+    relative; on an AMD EPYC machine the classifier's probabilities (``ccs``, ``p_original``) came
+    back up to 8.5e-5 relative apart, ``crs_paper`` 1.2e-5 and KID 5.7e-4 absolute (1.4e-3 relative
+    on a value near zero). Detections, erasure, retention, ``crs`` and the retrieval curve matched
+    exactly. Hence rel 3e-4 for every float and abs 2e-3 for ``DIFFERENCES``; a changed image or
+    seed moves them by far more (and moves the exactly-compared detections)."""
     if isinstance(expected, dict):
-        return {k: same(v) for k, v in expected.items()}
+        return {k: same(v, abs_tol) for k, v in expected.items()}
     if isinstance(expected, (list, tuple)):
-        return type(expected)(same(v) for v in expected)
-    return pytest.approx(expected, rel=1e-4, abs=1e-7) if isinstance(expected, float) else expected
+        return type(expected)(same(v, abs_tol) for v in expected)
+    return pytest.approx(expected, rel=3e-4, abs=abs_tol) if isinstance(expected, float) else expected
+
+
+def _tol(name: str) -> float:
+    return 2e-3 if name in DIFFERENCES else 1e-7
 
 
 def assert_same_numbers(old: dict, new: dict) -> None:
@@ -62,16 +76,16 @@ def assert_same_numbers(old: dict, new: dict) -> None:
         for name, m in po["metrics"].items():
             got = pn["metrics"][name] if name in PROMPT_LEVEL else pn["probes"]["partial_diffusion"]["metrics"]["recover" if name == "psi_recover" else name]
             assert got["n"] == m["n"], (po["prompt"], name)
-            assert (got["value"], got["ci"]) == same((m["value"], m["ci"])), (po["prompt"], name)
+            assert (got["value"], got["ci"]) == same((m["value"], m["ci"]), _tol(name)), (po["prompt"], name)
             if "curve" in m:
-                assert got["curve"] == same(m["curve"]), (po["prompt"], name)
+                assert got["curve"] == same(m["curve"], _tol(name)), (po["prompt"], name)
         new_curve = [{k: p[k] for k in ("x", "p_original", "retrieval", "detection")} for p in pn["probes"]["partial_diffusion"]["curve"]]
         assert new_curve == same(_curve(po["psi_curve"])), po["prompt"]
     for block, new_block in (("metrics", "metrics"), ("retain", "retain")):
         for name, m in old[block].items():
             target = new[new_block] if name in PROMPT_LEVEL else pd[new_block]
             got = target["recover" if name == "psi_recover" else name]
-            assert got["value"] == same(m["value"]), (block, name)
+            assert got["value"] == same(m["value"], _tol(name)), (block, name)
     for a, b in zip(pd["curve"], _curve(old["psi_curve"]), strict=True):
         assert {k: a[k] for k in b} == same(b)
 
