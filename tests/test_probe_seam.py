@@ -38,8 +38,12 @@ def _where(new_prompt_or_record: dict, name: str, block: str = "metrics") -> dic
     return pd[block]["recover" if name == "psi_recover" else name]
 
 
-def _curve(old: list[dict]) -> list[dict]:
-    return [{"x": p["psi"], **{k: p[k] for k in ("p_original", "retrieval", "detection")}} for p in old]
+CURVE_KEYS = ("x", "p_original", "retrieval", "detection")
+
+
+def _curve(old: list[dict], keys: tuple[str, ...] = CURVE_KEYS) -> list[dict]:
+    """The old record's ψ-curve in the new layout (``psi`` → ``x``), restricted to ``keys``."""
+    return [{k: p["psi" if k == "x" else k] for k in keys} for p in old]
 
 
 # Differences of two means of classifier features (the authors' CRS, KID): round-off in the terms is
@@ -77,7 +81,7 @@ def assert_same_numbers(old: dict, new: dict, trained: bool = True) -> None:
     p_original curve); everything else — detections, erasure, retention, ψ recovery, ``crs`` and
     the retrieval curve — is still compared."""
     skip = set() if trained else TRAINED
-    keys = ("x", "p_original", "retrieval", "detection") if trained else ("x", "retrieval", "detection")
+    keys = CURVE_KEYS if trained else tuple(k for k in CURVE_KEYS if k != "p_original")
     pd = new["probes"]["partial_diffusion"]
     assert pd["protocol"]["hash"] == old["protocol"]["hash"]
     assert [(p["prompt"], p["class"]) for p in new["prompts"]] == [(p["prompt"], p["class"]) for p in old["prompts"]]
@@ -91,7 +95,7 @@ def assert_same_numbers(old: dict, new: dict, trained: bool = True) -> None:
             if "curve" in m:
                 assert got["curve"] == same(m["curve"], _tol(name)), (po["prompt"], name)
         new_curve = [{k: p[k] for k in keys} for p in pn["probes"]["partial_diffusion"]["curve"]]
-        assert new_curve == same([{k: c[k] for k in keys} for c in _curve(po["psi_curve"])]), po["prompt"]
+        assert new_curve == same(_curve(po["psi_curve"], keys)), po["prompt"]
     for block, new_block in (("metrics", "metrics"), ("retain", "retain")):
         for name, m in old[block].items():
             if name in skip:
@@ -99,8 +103,8 @@ def assert_same_numbers(old: dict, new: dict, trained: bool = True) -> None:
             target = new[new_block] if name in PROMPT_LEVEL else pd[new_block]
             got = target["recover" if name == "psi_recover" else name]
             assert got["value"] == same(m["value"], _tol(name)), (block, name)
-    for a, b in zip(pd["curve"], _curve(old["psi_curve"]), strict=True):
-        assert {k: a[k] for k in keys} == same({k: b[k] for k in keys})
+    for a, b in zip(pd["curve"], _curve(old["psi_curve"], keys), strict=True):
+        assert {k: a[k] for k in keys} == same(b)
 
 
 @needs_world
