@@ -45,6 +45,12 @@ class Concept:
         """The words a method erases (``target`` may list several, comma-separated)."""
         return tuple(t.strip() for t in self.target.split(",") if t.strip())
 
+    def words_to_erase(self) -> tuple[str, ...]:
+        """``targets``, or a ConfigError naming ``concept.target`` when it lists no word (a method needs one)."""
+        if not self.targets:
+            raise ConfigError(f"`concept.target` of {self.name!r} names no word to erase, got {self.target!r}")
+        return self.targets
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "target": self.target, "anchor": self.anchor}
 

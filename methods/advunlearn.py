@@ -123,9 +123,7 @@ def unlearn(
     """
     hp = {k: v for k, v in locals().items() if k in declared(unlearn)}
     check_params(unlearn, hp)
-    words = concept.targets
-    if not words:
-        raise ConfigError(f"`concept.target` of {concept.name!r} names no word to erase, got {concept.target!r}")
+    words = concept.words_to_erase()
     te, unet, tok = pipe.text_encoder, pipe.unet, pipe.tokenizer
     names = _trainable_names(te, train_method, layers, component, norm_layer)
     retain = _retain_set(concept, retain_prompts, retain_loss_weight)

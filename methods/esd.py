@@ -113,9 +113,7 @@ def unlearn(
     ``timestep_rule`` how t is paired with x_t (module docstring), ``erase_from`` a broader prompt
     to erase the concept from (None: the concept word itself).
     """
-    words = concept.targets
-    if not words:
-        raise ConfigError(f"`concept.target` of {concept.name!r} names no word to erase, got {concept.target!r}")
+    words = concept.words_to_erase()
     if erase_from is not None and not erase_from.strip():
         raise ConfigError("`method.params.erase_from` must be null or a non-empty prompt, got ''")
     unet = pipe.unet

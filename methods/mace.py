@@ -194,9 +194,7 @@ def unlearn(
     check_params(unlearn, hp)
     if lamb == 0 and preserve_scale == 0:
         raise ConfigError("`method.params.lamb` must be > 0 when `preserve_scale` is 0 (the closed forms would be singular), got 0")
-    words = concept.targets
-    if not words:
-        raise ConfigError(f"`concept.target` of {concept.name!r} names no word to erase, got {concept.target!r}")
+    words = concept.words_to_erase()
     anchor = concept.anchor if anchor is None else anchor
     if anchor.strip().lower() in {w.lower() for w in words}:
         raise ConfigError(f"`method.params.anchor` must differ from the concepts being erased, got {anchor!r}")

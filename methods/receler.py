@@ -163,9 +163,7 @@ def unlearn(
     """
     hp = {k: v for k, v in locals().items() if k in declared(unlearn)}
     check_params(unlearn, hp)
-    words = concept.targets
-    if not words:
-        raise ConfigError(f"`concept.target` of {concept.name!r} names no word to erase, got {concept.target!r}")
+    words = concept.words_to_erase()
     unet = pipe.unet
     sched = ddim_sampler(pipe.scheduler, ddim_steps)
     context = context_or_default(ctx)

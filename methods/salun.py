@@ -143,9 +143,7 @@ def unlearn(
     # Direct calls (tests, notebooks) get the harness's up-front check: one ConfigError naming the key.
     check_params(unlearn, {k: v for k, v in locals().items() if k not in ("pipe", "concept", "ctx")})
     context = context_or_default(ctx)
-    words = concept.targets
-    if not words:
-        raise ConfigError(f"`concept.target` of {concept.name!r} names no word to erase, got {concept.target!r}")
+    words = concept.words_to_erase()
     pseudo_choices = _pseudo_prompts(concept, pseudo, templates)
     retain_text = _retain_prompts(concept, alpha, num_retain_images)
     unet = pipe.unet

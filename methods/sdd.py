@@ -79,7 +79,7 @@ import torch.nn.functional as F
 
 from bench import progress
 from bench.context import MethodContext, context_or_default
-from bench.hparams import ConfigError, Range, check_params, declared
+from bench.hparams import Range, check_params, declared
 from bench.sampling import ddim_cfg_sample, ddim_sampler, embed_prompts
 
 Trainable = Literal["xattn", "noxattn", "selfattn", "notime", "full"]
@@ -115,9 +115,7 @@ def unlearn(
     """
     hp = {k: v for k, v in locals().items() if k in declared(unlearn)}
     check_params(unlearn, hp)
-    words = concept.targets
-    if not words:
-        raise ConfigError(f"`concept.target` of {concept.name!r} names no word to erase, got {concept.target!r}")
+    words = concept.words_to_erase()
     unet = pipe.unet
     device = unet.device
     sched = ddim_sampler(pipe.scheduler, ddim_steps)

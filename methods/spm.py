@@ -153,9 +153,7 @@ def unlearn(
     """
     hp = {k: v for k, v in locals().items() if k in declared(unlearn)}
     check_params(unlearn, hp)
-    words = concept.targets
-    if not words:
-        raise ConfigError(f"`concept.target` of {concept.name!r} names no word to erase, got {concept.target!r}")
+    words = concept.words_to_erase()
     surrogate_prompt = _surrogate(concept, surrogate)
     unet = pipe.unet
     size = unet.config.sample_size

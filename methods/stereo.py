@@ -168,9 +168,7 @@ def unlearn(
     if adv_embeddings > rounds:
         raise ConfigError(f"`method.params.adv_embeddings` must be <= `method.params.rounds` ({rounds}): STE finds one "
                           f"adversarial embedding per round, got {adv_embeddings}")
-    words = concept.targets
-    if not words:
-        raise ConfigError(f"`concept.target` of {concept.name!r} names no word to erase, got {concept.target!r}")
+    words = concept.words_to_erase()
     temps = fewshot.templates(templates, concept.kind)
     anchors = _anchor_prompts(concept, anchor_prompts, temps)
     if ti_init == "anchor":

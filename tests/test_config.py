@@ -112,3 +112,20 @@ def test_model_path_with_only_model_index_names_the_missing_folders(tmp_path, ca
     err = capsys.readouterr().err
     assert f"error: `model.path` = '{tmp_path}/m' names a pipeline but lacks its scheduler, text_encoder, tokenizer, unet, vae, detector folders" in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", ["advunlearn", "esd", "mace", "receler", "salun", "sdd", "spm", "stereo"])
+def test_a_concept_without_a_word_to_erase_is_refused_before_any_weight_moves(name, tmp_path):
+    import importlib
+    import inspect
+
+    from bench.context import MethodContext
+    from bench.testing import changed, pipe_weights, tiny_concept, tiny_sd_pipeline
+
+    unlearn = importlib.import_module(f"methods.{name}").unlearn
+    kw = {"ctx": MethodContext(cache_dir=tmp_path, progress=False)} if "ctx" in inspect.signature(unlearn).parameters else {}
+    pipe = tiny_sd_pipeline(text_len=16)
+    before = pipe_weights(pipe)
+    with pytest.raises(ConfigError, match=r"^`concept.target` of 'star' names no word to erase, got ' , '$"):
+        unlearn(pipe, tiny_concept(target=" , "), **kw)
+    assert not changed(before, pipe_weights(pipe))
