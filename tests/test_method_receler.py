@@ -20,7 +20,7 @@ from bench.context import MethodContext
 from bench.hparams import ConfigError, check_params
 from bench.pipeline import DeltaError, check_fits, read_delta, save_delta, snapshot_state
 from bench.sampling import embed_prompts
-from bench.testing import changed, pipe_weights, tiny_concept, tiny_sd_pipeline
+from bench.testing import assert_seed_decides, changed, pipe_weights, tiny_concept, tiny_sd_pipeline
 from methods.receler import ERASER_KEY, EraserProcessor, attach_erasers, unlearn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -367,14 +367,11 @@ def test_several_targets_one_attack_prompt_each(tmp_path):
 
 
 def test_same_seed_same_erasers_other_seed_other_erasers(tmp_path):
-    runs = []
-    for seed in (0, 0, 1):
-        pipe = tiny_sd_pipeline()
+    def train(pipe, seed):
         report = _run(pipe, tmp_path, seed=seed)
-        runs.append((pipe.unet.state_dict(), report["loss_history"], report["eraser_path"]))
-    (a, la, pa), (b, lb, pb), (c, lc, pc) = runs
-    assert la == lb and pa == pb and all(torch.equal(a[k], b[k]) for k in a)
-    assert la != lc and pa != pc and any(not torch.equal(a[k], c[k]) for k in a)
+        return report["loss_history"], report["eraser_path"]
+
+    assert_seed_decides(train)
 
 
 def test_processors_flags_and_weights_restored_when_training_fails(tmp_path, monkeypatch):

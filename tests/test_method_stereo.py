@@ -14,7 +14,14 @@ from bench.hparams import ConfigError, check_params
 from bench.probes import _fewshot as fewshot
 from bench.probes.inversion import placeholders
 from bench.sampling import embed_prompts
-from bench.testing import changed, pipe_weights, tiny_concept, tiny_sd_pipeline, weights
+from bench.testing import (
+    assert_seed_decides,
+    changed,
+    pipe_weights,
+    tiny_concept,
+    tiny_sd_pipeline,
+    weights,
+)
 
 FAST = {"rounds": 2, "adv_embeddings": 2, "ste_iterations": 2, "reo_iterations": 3, "ddim_steps": 4, "ti_steps": 3,
         "ti_batch_size": 2, "ti_lr": 0.05, "num_images": 4, "ste_lr": 1e-3, "reo_lr": 1e-3}
@@ -221,14 +228,11 @@ def test_generated_concept_images_are_cached(tmp_path):
 
 
 def test_same_seed_same_weights_other_seed_other_weights():
-    runs = []
-    for seed in (0, 0, 1):
-        pipe = tiny_sd_pipeline()
+    def train(pipe, seed):
         report = _run(pipe, seed=seed)
-        runs.append((weights(pipe.unet), report["loss_history"], report["stage1"]["rounds"][1]["ti_loss"]))
-    (a, la, ta), (b, lb, tb), (c, lc, tc) = runs
-    assert la == lb and ta == tb and all(torch.equal(a[k], b[k]) for k in a)
-    assert la != lc and any(not torch.equal(a[k], c[k]) for k in a)
+        return report["loss_history"], report["stage1"]["rounds"][1]["ti_loss"]
+
+    assert_seed_decides(train)
 
 
 def test_hyperparameters_are_validated_before_loading():
