@@ -12,14 +12,19 @@ standard denoising loss to learn from them.
   background"), one per kind of concept.
 - Loss (``denoising_loss``): ε-MSE at a uniform random timestep, as in diffusers'
   ``textual_inversion.py`` and every fine-tuning recipe of the references.
+- Loop (``fit``): one image group, a batch of its latents and a caption per latent each step; what
+  is trained (a token embedding, the UNet's cross-attention) is the probe's choice.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from bench import progress
 
 TEMPLATES = {
     "shapes": {"object": ("a {}",), "attribute": ("a {} shape",), "style": ("a shape on a {} background",)},
@@ -106,6 +111,41 @@ def encode_text(pipe: Any, texts: list[str]) -> torch.Tensor:
     tok = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
                          return_tensors="pt")
     return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
+
+
+def fit(pipe: Any, unet: Any, sched: Any, opt: torch.optim.Optimizer, lat: list[torch.Tensor], names: list[str],
+        temps: tuple[str, ...], g: torch.Generator, *, steps: int, batch_size: int, text_grad: bool, desc: str,
+        on_step: Callable[[int], None]) -> tuple[list[float], int]:
+    """The few-shot training loop of the inversion and relearning probes.
+
+    Each step draws one image group ``j`` (``lat[j]``: its latents; ``names[j]``: the word or placeholder its captions
+    name), ``batch_size`` of its latents and one template caption per latent, and takes one ``opt`` step on
+    ``denoising_loss`` under ``sched``; every draw comes from ``g``. The text encoder runs with gradients only when
+    ``text_grad`` (a learned token embedding). ``on_step(step)`` runs after each step. Returns (loss per step, rows
+    trained).
+    """
+    history, rows = [], 0
+    with progress.bar(steps, desc, unit="step") as bar:
+        for step in range(1, steps + 1):
+            j = int(torch.randint(len(lat), (1,), generator=g))
+            idx = torch.randint(len(lat[j]), (batch_size,), generator=g)
+            texts = [temps[int(torch.randint(len(temps), (1,), generator=g))].format(names[j]) for _ in idx]
+            with torch.enable_grad() if text_grad else torch.no_grad():
+                cond = encode_text(pipe, texts)
+            loss = denoising_loss(unet, sched, lat[j][idx], cond, g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            rows += len(idx)
+            history.append(float(loss.detach()))
+            on_step(step)
+            bar.update(1)
+    return history, rows
+
+
+def loss_trace(history: list[float]) -> list[float]:
+    """About 100 evenly spaced values of a loss history, rounded, for the record."""
+    return [round(x, 5) for x in history[:: max(1, len(history) // 100)]]
 
 
 def checkpoints_of(steps: list[int]) -> list[int]:

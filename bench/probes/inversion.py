@@ -42,7 +42,6 @@ from typing import Any
 
 import torch
 
-from bench import progress
 from bench.hparams import ConfigError
 from bench.probes import Axis, Probe, ProbeContext, ProbeOutput, Workload
 from bench.probes import _fewshot as F
@@ -123,28 +122,19 @@ class ConceptInversion(Probe):
         sched = F.train_scheduler(ctx.pipe)
         vec = torch.nn.Parameter(self._init_vectors(ctx).to(ctx.device))
         opt = torch.optim.AdamW([vec], lr=self.lr, betas=(0.9, 0.999), weight_decay=1e-2)
-        unet = ctx.star
-        saved, history, rows = {}, [], 0
-        last = self.checkpoints[-1]
-        with _restore_grads(ctx), placeholders(ctx.pipe, tokens, vec), progress.bar(last, "concept inversion", unit="step") as bar:
-            if 0 in self.checkpoints:
-                saved["embeds/0"] = vec.detach().cpu().clone()
-            for step in range(1, last + 1):
-                j = int(torch.randint(len(groups), (1,), generator=g))
-                idx = torch.randint(len(lat[j]), (self.batch_size,), generator=g)
-                texts = [temps[int(torch.randint(len(temps), (1,), generator=g))].format(tokens[groups[j][1]]) for _ in idx]
-                cond = F.encode_text(ctx.pipe, texts)
-                loss = F.denoising_loss(unet, sched, lat[j][idx], cond, g)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                rows += len(idx)
-                history.append(float(loss.detach()))
-                if step in self.checkpoints:
-                    saved[f"embeds/{step}"] = vec.detach().cpu().clone()
-                bar.update(1)
+        saved = {}
+
+        def keep(step: int) -> None:
+            if step in self.checkpoints:
+                saved[f"embeds/{step}"] = vec.detach().cpu().clone()
+
+        with _restore_grads(ctx), placeholders(ctx.pipe, tokens, vec):
+            keep(0)
+            history, rows = F.fit(ctx.pipe, ctx.star, sched, opt, lat, [tokens[i] for _, i in groups], temps, g,
+                                  steps=self.checkpoints[-1], batch_size=self.batch_size, text_grad=True,
+                                  desc="concept inversion", on_step=keep)
         ctx.counter.add(rows * 2, "probe_train")  # one forward and one backward pass per row (NFE-equivalents)
-        meta = {"tokens": tokens, "loss": [round(x, 5) for x in history[:: max(1, len(history) // 100)]], "train_rows": rows,
+        meta = {"tokens": tokens, "loss": F.loss_trace(history), "train_rows": rows,
                 "init_words": list(ctx.concept.targets) if self.init == "concept" else [ctx.concept.anchor]}
         return saved, meta
 

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from bench import progress
 from bench.hparams import ConfigError
 from bench.probes import Axis, Probe, ProbeContext, ProbeOutput, Workload
 from bench.probes import _fewshot as F
@@ -86,39 +85,25 @@ class Relearning(Probe):
         te = ctx.pipe.text_encoder
         te_flags = [p.requires_grad for p in te.parameters()]
         te.requires_grad_(False)
-        saved, history, rows = {}, [], 0
-        last = self.checkpoints[-1]
+        saved = {}
 
         def keep(step: int) -> None:
-            for n in names:
-                saved[f"{step}/{n}"] = params[n].detach().cpu().clone()
+            if step in self.checkpoints:
+                for n in names:
+                    saved[f"{step}/{n}"] = params[n].detach().cpu().clone()
 
         try:
             unet.train()
-            with progress.bar(last, f"relearning ({self.trainable})", unit="step") as bar:
-                if 0 in self.checkpoints:
-                    keep(0)
-                for step in range(1, last + 1):
-                    j = int(torch.randint(len(groups), (1,), generator=g))
-                    idx = torch.randint(len(lat[j]), (self.batch_size,), generator=g)
-                    texts = [temps[int(torch.randint(len(temps), (1,), generator=g))].format(words[groups[j][1]]) for _ in idx]
-                    with torch.no_grad():
-                        cond = F.encode_text(ctx.pipe, texts)
-                    loss = F.denoising_loss(unet, sched, lat[j][idx], cond, g)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    rows += len(idx)
-                    history.append(float(loss.detach()))
-                    if step in self.checkpoints:
-                        keep(step)
-                    bar.update(1)
+            keep(0)
+            history, rows = F.fit(ctx.pipe, unet, sched, opt, lat, [words[i] for _, i in groups], temps, g,
+                                  steps=self.checkpoints[-1], batch_size=self.batch_size, text_grad=False,
+                                  desc=f"relearning ({self.trainable})", on_step=keep)
         finally:
             for p, f in zip(te.parameters(), te_flags, strict=True):
                 p.requires_grad_(f)
         ctx.counter.add(rows * 2, "probe_train")  # one forward and one backward pass per row (NFE-equivalents)
         meta = {"trained_tensors": len(names), "trained_elements": int(sum(p.numel() for p in trained)),
-                "loss": [round(x, 5) for x in history[:: max(1, len(history) // 100)]], "train_rows": rows, "words": words}
+                "loss": F.loss_trace(history), "train_rows": rows, "words": words}
         return saved, meta
 
     def rows(self, w: Workload) -> dict[str, int]:
