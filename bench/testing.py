@@ -50,47 +50,17 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim", text_len: int = 77)
     Deterministic in ``seed``; does not touch the global torch RNG. ``text_len`` is the tokenizer's
     ``model_max_length`` (77 as in SD 1.x; the Shapes world uses 16).
     """
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline
+
+    from bench.world.models import make_text_encoder, make_unet, make_vae
 
     sched = sd_scheduler(scheduler)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=4,
-            norm_num_groups=32,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(32, 64),
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=16,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=max(77, text_len),
-                bos_token_id=49406,
-                eos_token_id=49407,
-                pad_token_id=49407,
-            )
-        )
+        # The Shapes world's architectures on an 8×8 latent with a 32-d text encoder: a world model in miniature.
+        unet = make_unet(sample_size=8, cross_attention_dim=32)
+        vae = make_vae(sample_size=16)
+        text_encoder = make_text_encoder(hidden_size=32, max_positions=max(77, text_len))
     pipe = StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
