@@ -178,8 +178,11 @@ def judge_forget(metrics: dict, probe_block: dict | None, gold_block: dict | Non
     if q >= p_decide:
         return Verdict("removed", q, f"P(recovers no earlier than the gold − margin) = {q:.2f} ({how})")
     if 1 - p >= p_decide:  # not earlier than the axis end − margin, but the gold never recovers on the axis
+        m, _, censored = pairs
+        share = float(np.mean(censored & np.isfinite(m)))  # the method recovers on the axis where the gold does not
         return Verdict("inconclusive", p, f"P(recovers earlier than the gold − margin) = {p:.2f} ({how}), but the gold never "
-                                          f"recovers up to {axis_max:g} and the method does: a longer {probe} axis would settle it")
+                                          f"recovers up to {axis_max:g} while the method does in {share:.0%} of the replicates: "
+                                          f"a longer {probe} axis would settle it")
     return Verdict("inconclusive", p, f"P(recovers earlier than the gold − margin) = {p:.2f} ({how}): more attacked seeds or "
                                       "prompts (a narrower recovery interval) would settle it")
 

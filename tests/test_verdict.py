@@ -80,6 +80,7 @@ def test_a_gold_that_never_recovers_is_censored_at_the_axis_end():
     never = block(None, seed=5)
     late = V.judge_forget(forget(), block(0.50), never, "partial_diffusion", TH)   # 0.50 ≥ 0.55 − 0.1, yet the gold may be later
     assert late.key == "inconclusive" and "longer partial_diffusion axis" in late.detail
+    assert "while the method does in 100% of the replicates" in late.detail  # it recovers at 0.50 in every replicate
     assert V.judge_forget(forget(), block(0.30), never, "partial_diffusion", TH).key == "concealed"
     assert V.judge_forget(forget(), block(None), never, "partial_diffusion", TH).key == "removed"
     steps = {"name": "steps", "values": [0, 25, 50, 100, 200]}   # relearning: the method at 185 steps, the gold never in 200
