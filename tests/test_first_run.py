@@ -31,7 +31,10 @@ def _interrupt_after_first_prompt(base: Path) -> tuple[list[str], dict, subproce
     args = [sys.executable, "-m", "bench", "method=noop", "concept=star", "eval=smoke", "logger=none", "threads=1",
             "eval.max_forget_prompts=2", f"out_dir={base}/runs", f"cache_dir={base}/cache"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A test run started in the background of a non-interactive shell (`make test &`) inherits SIGINT ignored,
+    # and so would the job: give it the disposition a terminal gives, as the user pressing Ctrl-C has.
+    p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and not list((base / "runs").rglob("u-0.safetensors")):
         time.sleep(0.1)
