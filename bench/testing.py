@@ -132,6 +132,63 @@ def assert_seed_decides(train: Callable, component: str = "unet") -> None:
     assert all(x != y for x, y in zip(out_a, out_c, strict=True)), "seeds 0 and 1 gave an identical output"
 
 
+def assert_each_rejected(fn: Callable, bad: dict) -> None:
+    """Every ``{key: value}`` of ``bad``, alone, fails hyperparameter validation with a message naming
+    ``method.params.<key>``."""
+    import pytest
+
+    from bench.hparams import ConfigError, check_params
+
+    for key, value in bad.items():
+        with pytest.raises(ConfigError, match=f"`method.params.{key}`"):
+            check_params(fn, {key: value})
+
+
+def _sweep_value(text: str, default):
+    """A Hydra sweep value as a job would receive it: an int, float or string (an int where the
+    signature's default is a float is that float)."""
+    for kind in (int, float):
+        try:
+            value = kind(text)
+        except ValueError:
+            continue
+        return float(value) if isinstance(default, float) else value
+    return text
+
+
+def check_method_confs(fn: Callable, name: str, display: str | None = None, same_defaults: bool = True) -> dict:
+    """The shipped configs of method ``name`` validate against ``fn``'s signature and return its
+    resolved defaults: ``conf/method/<name>.yaml`` (its ``_target_``, ``name`` and, if given,
+    ``display``), ``conf/method_model/<name>_shapes.yaml`` and every value of
+    ``conf/sweep/<name>.yaml`` where those exist. With ``same_defaults`` the method YAML's params
+    are the signature's own defaults (the SD configuration is the code's)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from bench.hparams import check_params
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    cfg = OmegaConf.load(conf / "method" / f"{name}.yaml")
+    assert cfg._target_ == f"{fn.__module__}.{fn.__name__}" and cfg.name == name, (cfg._target_, cfg.name)
+    if display is not None:
+        assert cfg.display == display, cfg.display
+    params = OmegaConf.to_container(cfg).get("params") or {}
+    defaults = check_params(fn, params)
+    if same_defaults:
+        assert defaults == check_params(fn, {}), "conf/method params differ from the signature's defaults"
+    shapes = conf / "method_model" / f"{name}_shapes.yaml"
+    if shapes.exists():
+        check_params(fn, OmegaConf.to_container(OmegaConf.load(shapes)).get("params") or {})
+    sweep = conf / "sweep" / f"{name}.yaml"
+    if sweep.exists():
+        for key, values in OmegaConf.load(sweep).hydra.sweeper.params.items():
+            key = key.removeprefix("method.params.")
+            for text in str(values).split(","):
+                check_params(fn, {key: _sweep_value(text, defaults[key])})
+    return defaults
+
+
 def tiny_concept(**overrides):
     """The ``star`` concept the method tests unlearn from tiny pipelines (fields overridable)."""
     from bench.concepts import Concept

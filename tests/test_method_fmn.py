@@ -6,12 +6,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import methods.fmn as fmn
 from bench.context import MethodContext
 from bench.hparams import ConfigError, check_params
-from bench.testing import changed, tiny_concept, tiny_sd_pipeline, weights
+from bench.testing import (
+    changed,
+    check_method_confs,
+    tiny_concept,
+    tiny_sd_pipeline,
+    weights,
+)
 from methods.fmn import unlearn
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -213,9 +218,5 @@ def test_bad_hyperparameters_are_named():
 
 
 def test_configs_validate():
-    for path in (CONF / "method" / "fmn.yaml", CONF / "method_model" / "fmn_shapes.yaml"):
-        check_params(unlearn, OmegaConf.to_container(OmegaConf.load(path)).get("params") or {})
-    cfg = OmegaConf.load(CONF / "method" / "fmn.yaml")
-    assert cfg._target_ == "methods.fmn.unlearn" and cfg.name == "fmn"
     # The conf's SD defaults are the signature's defaults (configs/attn.yaml, a4a81e8).
-    assert check_params(unlearn, dict(cfg.params)) == check_params(unlearn, {})
+    check_method_confs(unlearn, "fmn")

@@ -11,8 +11,16 @@ import torch
 from omegaconf import OmegaConf
 
 import methods.mace as mace
-from bench.hparams import ConfigError, check_params
-from bench.testing import assert_seed_decides, changed, pipe_weights, tiny_concept, tiny_sd_pipeline
+from bench.hparams import ConfigError
+from bench.testing import (
+    assert_each_rejected,
+    assert_seed_decides,
+    changed,
+    check_method_confs,
+    pipe_weights,
+    tiny_concept,
+    tiny_sd_pipeline,
+)
 from methods.mace import unlearn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,9 +206,7 @@ def test_bad_hyperparameters_are_one_config_error_naming_the_key():
         "use_mask": "yes",
         "learning_rate": 1e-5,
     }
-    for key, value in bad.items():
-        with pytest.raises(ConfigError, match=f"`method.params.{key}`"):
-            check_params(unlearn, {key: value})
+    assert_each_rejected(unlearn, bad)
     pipe = tiny_sd_pipeline()
     before = pipe_weights(pipe)
     with pytest.raises(ConfigError, match=r"`method.params.rank` must be .*>= 1.*got 0"):
@@ -223,18 +229,8 @@ def test_shapes_templates_put_the_concept_in_the_world_grammar():
 
 
 def test_configs_validate():
-    for path in (CONF / "method" / "mace.yaml", CONF / "method_model" / "mace_shapes.yaml"):
-        check_params(unlearn, OmegaConf.to_container(OmegaConf.load(path)).get("params") or {})
-    cfg = OmegaConf.load(CONF / "method" / "mace.yaml")
-    assert cfg._target_ == "methods.mace.unlearn" and cfg.name == "mace" and cfg.display == "MACE"
-    assert cfg.reference is None
+    assert OmegaConf.load(CONF / "method" / "mace.yaml").reference is None
     # The conf's SD defaults are the signature's defaults (configs/object/erase_ship.yaml, 057e7a6).
-    defaults = check_params(unlearn, dict(cfg.params))
-    assert defaults == check_params(unlearn, {})
+    defaults = check_method_confs(unlearn, "mace", "MACE")
     assert (defaults["lamb"], defaults["lr"], defaults["steps"], defaults["rank"]) == (1e3, 1e-5, 50, 1)
     assert (defaults["preserve_scale"], defaults["num_prompts"], defaults["weight_decay"]) == (0.0, 30, 0.01)
-    sweep = OmegaConf.load(CONF / "sweep" / "mace.yaml")
-    for key in sweep.hydra.sweeper.params:
-        name = key.split(".")[-1]
-        for value in str(sweep.hydra.sweeper.params[key]).split(","):
-            check_params(unlearn, {name: float(value)})

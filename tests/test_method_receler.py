@@ -17,10 +17,18 @@ from safetensors import safe_open
 
 import methods.receler as rc
 from bench.context import MethodContext
-from bench.hparams import ConfigError, check_params
+from bench.hparams import ConfigError
 from bench.pipeline import DeltaError, check_fits, read_delta, save_delta, snapshot_state
 from bench.sampling import embed_prompts
-from bench.testing import assert_seed_decides, changed, pipe_weights, tiny_concept, tiny_sd_pipeline
+from bench.testing import (
+    assert_each_rejected,
+    assert_seed_decides,
+    changed,
+    check_method_confs,
+    pipe_weights,
+    tiny_concept,
+    tiny_sd_pipeline,
+)
 from methods.receler import ERASER_KEY, EraserProcessor, attach_erasers, unlearn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -413,9 +421,7 @@ def test_bad_hyperparameters_are_one_config_error_naming_the_key(tmp_path):
         "deploy": "merged",
         "seperator": ",",
     }
-    for key, value in bad.items():
-        with pytest.raises(ConfigError, match=f"`method.params.{key}`"):
-            check_params(unlearn, {key: value})
+    assert_each_rejected(unlearn, bad)
     pipe = tiny_sd_pipeline(text_len=16)
     before, procs = pipe_weights(pipe), {n: type(p) for n, p in _processors(pipe.unet).items()}
     with pytest.raises(ConfigError, match=r"`method.params.num_adv_prompts` must be <= 14 for the word 'star' .*got 15"):
@@ -429,14 +435,9 @@ def test_bad_hyperparameters_are_one_config_error_naming_the_key(tmp_path):
 
 
 def test_configs_validate():
-    for path in (CONF / "method" / "receler.yaml", CONF / "method_model" / "receler_shapes.yaml"):
-        check_params(unlearn, OmegaConf.to_container(OmegaConf.load(path)).get("params") or {})
-    cfg = OmegaConf.load(CONF / "method" / "receler.yaml")
-    assert cfg._target_ == "methods.receler.unlearn" and cfg.name == "receler" and cfg.display == "Receler"
-    assert cfg.reference is None
+    assert OmegaConf.load(CONF / "method" / "receler.yaml").reference is None
     # The conf's SD defaults are the signature's defaults (train_receler.py L236–261, 3ccedc9).
-    defaults = check_params(unlearn, dict(cfg.params))
-    assert defaults == check_params(unlearn, {})
+    defaults = check_method_confs(unlearn, "receler", "Receler")
     assert (defaults["iterations"], defaults["lr"], defaults["eraser_rank"], defaults["adv_iters"]) == (500, 3e-4, 128, 50)
     assert (defaults["concept_reg_weight"], defaults["mask_threshold"], defaults["num_adv_prompts"]) == (0.1, 0.1, 16)
     assert (defaults["mask_resolution"], defaults["ddim_steps"], defaults["deploy"]) == (16, 50, "adapter")
@@ -444,7 +445,3 @@ def test_configs_validate():
     assert shapes.mask_resolution == 8 and 1 + 1 + shapes.num_adv_prompts <= 16  # Shapes: 8×8 maps, 16-token context
     sweep = OmegaConf.load(CONF / "sweep" / "receler.yaml")
     assert {"override /method": "receler"} in list(sweep.defaults)
-    for key, values in sweep.hydra.sweeper.params.items():
-        name = key.removeprefix("method.params.")
-        for v in str(values).split(","):
-            check_params(unlearn, {name: type(defaults[name])(float(v))})

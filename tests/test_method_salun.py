@@ -11,7 +11,13 @@ from omegaconf import OmegaConf
 import methods.salun as salun
 from bench.context import MethodContext
 from bench.hparams import ConfigError, check_params
-from bench.testing import changed, tiny_concept, tiny_sd_pipeline, weights
+from bench.testing import (
+    changed,
+    check_method_confs,
+    tiny_concept,
+    tiny_sd_pipeline,
+    weights,
+)
 from methods.salun import unlearn
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -193,24 +199,6 @@ def test_flags_restored_on_exception(monkeypatch, tmp_path):
 
 
 def test_configs_validate():
-    for path in (CONF / "method" / "salun.yaml", CONF / "method_model" / "salun_shapes.yaml"):
-        check_params(unlearn, OmegaConf.to_container(OmegaConf.load(path)).get("params") or {})
-    cfg = OmegaConf.load(CONF / "method" / "salun.yaml")
-    assert cfg._target_ == "methods.salun.unlearn" and cfg.name == "salun" and cfg.display == "SalUn"
     # The conf's SD defaults are the signature's defaults (README / random_label.py / generate_mask.py).
-    assert check_params(unlearn, dict(cfg.params)) == check_params(unlearn, {})
-    sweep = OmegaConf.load(CONF / "sweep" / "salun.yaml")
-    assert sweep.defaults == [{"override /method": "salun"}]
-    for key, values in sweep.hydra.sweeper.params.items():
-        for value in str(values).split(","):
-            check_params(unlearn, {key.removeprefix("method.params."): _scalar(value)})
-
-
-def _scalar(text: str):
-    """A Hydra sweep value as the YAML loader would type it (int, float or string)."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+    check_method_confs(unlearn, "salun", "SalUn")
+    assert OmegaConf.load(CONF / "sweep" / "salun.yaml").defaults == [{"override /method": "salun"}]

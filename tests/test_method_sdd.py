@@ -11,11 +11,13 @@ import torch
 from omegaconf import OmegaConf
 
 import methods.sdd as sdd
-from bench.hparams import ConfigError, check_params
+from bench.hparams import ConfigError
 from bench.sampling import ddim_cfg_sample, ddim_sampler, embed_prompts
 from bench.testing import (
+    assert_each_rejected,
     assert_seed_decides,
     changed,
+    check_method_confs,
     pipe_weights,
     sd_scheduler,
     tiny_concept,
@@ -222,9 +224,7 @@ def test_bad_hyperparameters_are_one_config_error_naming_the_key():
         "output": "both",
         "learning_rate": 1e-5,
     }
-    for key, value in bad.items():
-        with pytest.raises(ConfigError, match=f"`method.params.{key}`"):
-            check_params(unlearn, {key: value})
+    assert_each_rejected(unlearn, bad)
     # called directly, the method checks before it touches anything
     pipe = tiny_sd_pipeline()
     before = pipe_weights(pipe)
@@ -236,13 +236,8 @@ def test_bad_hyperparameters_are_one_config_error_naming_the_key():
 
 
 def test_configs_validate():
-    for path in (CONF / "method" / "sdd.yaml", CONF / "method_model" / "sdd_shapes.yaml"):
-        check_params(unlearn, OmegaConf.to_container(OmegaConf.load(path)).get("params") or {})
-    cfg = OmegaConf.load(CONF / "method" / "sdd.yaml")
-    assert cfg._target_ == "methods.sdd.unlearn" and cfg.name == "sdd" and cfg.display == "SDD"
     # The conf's SD defaults are the signature's defaults (train_sdd.py argparse, a2e820c).
-    defaults = check_params(unlearn, dict(cfg.params))
-    assert defaults == check_params(unlearn, {})
+    defaults = check_method_confs(unlearn, "sdd", "SDD")
     assert (defaults["steps"], defaults["lr"], defaults["ema_decay"], defaults["guidance_scale"]) == (1500, 1e-5, 0.999, 3.0)
     assert (defaults["trainable"], defaults["weight_decay"], defaults["grad_clip"]) == ("xattn", 1e-4, 1.0)
 

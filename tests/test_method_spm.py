@@ -14,9 +14,17 @@ from safetensors import safe_open
 
 import methods.spm as spm
 from bench.context import MethodContext
-from bench.hparams import ConfigError, check_params
+from bench.hparams import ConfigError
 from bench.sampling import ddim_sampler, embed_prompts
-from bench.testing import assert_seed_decides, changed, pipe_weights, tiny_concept, tiny_sd_pipeline
+from bench.testing import (
+    assert_each_rejected,
+    assert_seed_decides,
+    changed,
+    check_method_confs,
+    pipe_weights,
+    tiny_concept,
+    tiny_sd_pipeline,
+)
 from methods.spm import unlearn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,9 +246,7 @@ def test_bad_hyperparameters_are_one_config_error_naming_the_key(tmp_path):
         "scale": 0.0,
         "rank": 4,
     }
-    for key, value in bad.items():
-        with pytest.raises(ConfigError, match=f"`method.params.{key}`"):
-            check_params(unlearn, {key: value})
+    assert_each_rejected(unlearn, bad)
     # called directly, the method checks before it touches anything
     pipe = tiny_sd_pipeline()
     before = pipe_weights(pipe)
@@ -252,18 +258,10 @@ def test_bad_hyperparameters_are_one_config_error_naming_the_key(tmp_path):
 
 
 def test_configs_validate():
-    for path in (CONF / "method" / "spm.yaml", CONF / "method_model" / "spm_shapes.yaml"):
-        check_params(unlearn, OmegaConf.to_container(OmegaConf.load(path)).get("params") or {})
-    cfg = OmegaConf.load(CONF / "method" / "spm.yaml")
-    assert cfg._target_ == "methods.spm.unlearn" and cfg.name == "spm" and cfg.display == "SPM" and cfg.reference is None
+    assert OmegaConf.load(CONF / "method" / "spm.yaml").reference is None
     # The conf's SD defaults are the signature's defaults (configs/*/config.yaml + prompt.yaml, 3dd762e).
-    defaults = check_params(unlearn, dict(cfg.params))
-    assert defaults == check_params(unlearn, {})
+    defaults = check_method_confs(unlearn, "spm", "SPM")
     assert (defaults["steps"], defaults["lr"], defaults["warmup_steps"], defaults["lr_cycles"]) == (3000, 1e-4, 500, 3)
     assert (defaults["denoising_steps"], defaults["la_strength"], defaults["num_anchors"], defaults["erase_guidance"]) == (30, 1000.0, 4, 1.0)
     sweep = OmegaConf.load(CONF / "sweep" / "spm.yaml")
     assert {"override /method": "spm"} in list(sweep.defaults)
-    for key, values in sweep.hydra.sweeper.params.items():
-        name = key.removeprefix("method.params.")
-        for v in str(values).split(","):
-            check_params(unlearn, {name: type(defaults[name])(float(v))})

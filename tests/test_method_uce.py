@@ -5,10 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from bench.hparams import ConfigError, check_params
-from bench.testing import tiny_concept, tiny_sd_pipeline
+from bench.testing import check_method_confs, tiny_concept, tiny_sd_pipeline
 from methods.uce import unlearn
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -170,7 +169,4 @@ def test_bad_hyperparameters_are_named():
 
 
 def test_configs_validate():
-    for path in (CONF / "method" / "uce.yaml", CONF / "method_model" / "uce_shapes.yaml"):
-        params = OmegaConf.to_container(OmegaConf.load(path).params)
-        check_params(unlearn, params)
-    assert OmegaConf.load(CONF / "method" / "uce.yaml")._target_ == "methods.uce.unlearn"
+    check_method_confs(unlearn, "uce", same_defaults=False)
