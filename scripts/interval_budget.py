@@ -17,7 +17,8 @@ Reads the published gold records (``method=retrain``) and, per gold and seed, pr
   rows of the same concept, seed and bootstrap design: what the verdict's probability is read from.
 
 Statistic: the recovery point of the prompt-mean detection curve (``bench.scorers``), "never" as
-+∞; half-width = (97.5th − 2.5th percentile) / 2. Prints Markdown; ``--json`` writes the numbers.
++∞; half-width = (97.5th − 2.5th percentile) / 2. Prints Markdown; ``--json`` writes the numbers and
+``--plot`` a figure of the prompt-level half-width against the number of forget prompts, per gold.
 """
 from __future__ import annotations
 
@@ -130,6 +131,37 @@ def markdown(rows: list[dict], sizes: list[int]) -> str:
     return "\n".join(out)
 
 
+def plot(rows: list[dict], path: Path, goal: float = 0.05) -> None:
+    """Prompt-level half-width against forget prompts (log scale), one line per gold and seed, the
+    recorded two-level half-width as a marker at the prompts run, and the goal as a line."""
+    from bench.plots import _plt, _save_quantized
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.9))
+    concepts = sorted({r["concept"] for r in rows})
+    for r in rows:
+        sizes = sorted(int(n) for n in r["prompt_level"])
+        ys = [r["prompt_level"][str(n)] for n in sizes]
+        colour = f"C{concepts.index(r['concept']) % 10}"  # a colour per concept, a line style per seed
+        ax.plot(sizes, [np.nan if y is None else y for y in ys], marker="o", ls=("-", "--", ":")[int(r["seed"]) % 3],
+                ms=3, lw=1.2, color=colour, label=f"{r['concept']} (seed {r['seed']})")
+        if r["half_width"] is not None:
+            ax.plot([r["prompts"]], [r["half_width"]], "x", ms=7, color=colour)
+    ax.axhline(goal, color="k", ls="--", lw=1)
+    ax.text(ax.get_xlim()[1], goal, f" goal ±{goal:g}", va="bottom", ha="right", fontsize=8)
+    ax.set_xscale("log")
+    ticks = sorted({int(n) for r in rows for n in r["prompt_level"]})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("forget prompts (6 = the quick protocol; more: drawn from the observed ones)")
+    ax.set_ylabel("half-width of the gold's 95% interval")
+    ax.set_title("Gold recovery point: prompt-level interval (×: as recorded, prompts then seeds)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2, loc="upper right")
+    fig.tight_layout()
+    _save_quantized(fig, path, 110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("folder", type=Path, help="a folder of records, e.g. leaderboard/results/shapes")
@@ -137,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, nargs="*", default=[12, 24, 48], help="forget-prompt counts to project")
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot", type=Path, help="write the figure here (.png)")
     a = ap.parse_args(argv)
     if not a.folder.is_dir():
         print(f"interval_budget: `folder` must be a folder of records, got {str(a.folder)!r}", file=sys.stderr)
@@ -152,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(rows, a.prompts))
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1) + "\n")
+    if a.plot:
+        plot(rows, a.plot)
     return 0
 
 

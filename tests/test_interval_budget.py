@@ -50,8 +50,9 @@ def test_paired_width_uses_only_rows_of_the_gold_design(tmp_path, capsys):
     rows = ib.budget(tmp_path, "partial_diffusion", [12], 500)
     assert len(rows) == 1 and rows[0]["paired"] == {"rows": 1, "median": 0.0, "max": 0.0}
     assert rows[0]["prompt_level"]["6"] > rows[0]["prompt_level"]["12"]
-    assert ib.main([str(tmp_path), "--prompts", "12", "--n-boot", "200"]) == 0
+    assert ib.main([str(tmp_path), "--prompts", "12", "--n-boot", "200", "--plot", str(tmp_path / "w.png")]) == 0
     assert "| star | 0 | 0.30 [0.20, 0.40] | ±0.100 |" in capsys.readouterr().out
+    assert (tmp_path / "w.png").stat().st_size > 1000
 
 
 def test_bad_input_is_one_message_and_exit_2(tmp_path, capsys):
