@@ -144,24 +144,13 @@ def assert_each_rejected(fn: Callable, bad: dict) -> None:
             check_params(fn, {key: value})
 
 
-def _sweep_value(text: str, default):
-    """A Hydra sweep value as a job would receive it: an int, float or string (an int where the
-    signature's default is a float is that float)."""
-    for kind in (int, float):
-        try:
-            value = kind(text)
-        except ValueError:
-            continue
-        return float(value) if isinstance(default, float) else value
-    return text
-
-
 def check_method_confs(fn: Callable, name: str, display: str | None = None, same_defaults: bool = True) -> dict:
     """The shipped configs of method ``name`` validate against ``fn``'s signature and return its
     resolved defaults: ``conf/method/<name>.yaml`` (its ``_target_``, ``name`` and, if given,
-    ``display``), ``conf/method_model/<name>_shapes.yaml`` and every value of
-    ``conf/sweep/<name>.yaml`` where those exist. With ``same_defaults`` the method YAML's params
-    are the signature's own defaults (the SD configuration is the code's)."""
+    ``display``) and ``conf/method_model/<name>_shapes.yaml`` where it exists. With
+    ``same_defaults`` the method YAML's params are the signature's own defaults (the SD
+    configuration is the code's). Every point of ``conf/sweep/<name>.yaml`` is composed and
+    validated as a job by ``tests/test_sweeps.py``."""
     from pathlib import Path
 
     from omegaconf import OmegaConf
@@ -180,12 +169,6 @@ def check_method_confs(fn: Callable, name: str, display: str | None = None, same
     shapes = conf / "method_model" / f"{name}_shapes.yaml"
     if shapes.exists():
         check_params(fn, OmegaConf.to_container(OmegaConf.load(shapes)).get("params") or {})
-    sweep = conf / "sweep" / f"{name}.yaml"
-    if sweep.exists():
-        for key, values in OmegaConf.load(sweep).hydra.sweeper.params.items():
-            key = key.removeprefix("method.params.")
-            for text in str(values).split(","):
-                check_params(fn, {key: _sweep_value(text, defaults[key])})
     return defaults
 
 

@@ -34,12 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.metrics import psi_recover  # noqa: E402
 from bench.recordspec import SCHEMA_VERSION  # noqa: E402
+from bench.scorers import _percentile_ci  # noqa: E402  (the records' own interval rule)
+from bench.verdict import paired  # noqa: E402
 
 
-def _half_width(reps) -> float | None:
-    r = np.array([np.inf if v is None else v for v in reps], float)
-    lo, hi = np.percentile(r, [2.5, 97.5])
-    return float((hi - lo) / 2) if np.isfinite(lo) and np.isfinite(hi) else None
+def _half_width(reps: np.ndarray, censored: bool) -> float | None:
+    """Half the 95% interval of ``reps`` (NaN = never): as the records compute it, an infinite end
+    (censored) or an empty set gives None."""
+    ci = _percentile_ci(reps, censored=censored)
+    return None if ci is None or None in ci else (ci[1] - ci[0]) / 2
 
 
 def prompt_curves(record: dict, probe: str) -> tuple[list[float], np.ndarray]:
@@ -60,8 +63,9 @@ def prompt_level_half_width(xs: list[float], curves: np.ndarray, n_prompts: int,
     reps = []
     for _ in range(n_boot):
         picked = curves[rng.integers(0, len(curves), n_prompts)]
-        reps.append(psi_recover(xs, picked.mean(axis=0).tolist()))
-    return _half_width(reps)
+        v = psi_recover(xs, picked.mean(axis=0).tolist())
+        reps.append(np.nan if v is None else v)
+    return _half_width(np.array(reps), censored=True)
 
 
 def paired_half_widths(gold: dict, methods: list[dict], probe: str) -> list[float]:
@@ -71,13 +75,12 @@ def paired_half_widths(gold: dict, methods: list[dict], probe: str) -> list[floa
     out = []
     for m in methods:
         r = ((m.get("probes") or {}).get(probe) or {}).get("metrics", {}).get("recover") or {}
-        if not r.get("replicates") or r.get("design") != g.get("design"):
+        if not r.get("replicates") or not paired(r, g):
             continue
         d = np.array([np.nan if a is None or b is None else a - b for a, b in zip(r["replicates"], g["replicates"], strict=True)])
         if np.isnan(d).mean() > 0.025:  # a "never" inside the interval: no finite width to report
             continue
-        lo, hi = np.nanpercentile(d, [2.5, 97.5])
-        out.append(float((hi - lo) / 2))
+        out.append(_half_width(d, censored=False))  # the finite differences
     return out
 
 
