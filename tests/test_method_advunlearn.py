@@ -13,7 +13,14 @@ import methods.advunlearn as adv
 from bench.hparams import ConfigError, check_params
 from bench.pipeline import read_delta, save_delta, snapshot_state
 from bench.sampling import SamplerConfig, ddim_sampler, generate
-from bench.testing import assert_seed_decides, changed, pipe_weights, tiny_concept, tiny_sd_pipeline
+from bench.testing import (
+    assert_seed_decides,
+    changed,
+    check_method_confs,
+    pipe_weights,
+    tiny_concept,
+    tiny_sd_pipeline,
+)
 from methods import weights
 from methods.advunlearn import unlearn
 
@@ -158,11 +165,7 @@ def test_delta_holds_the_text_encoder_and_reloads_through_method_weights(tmp_pat
 
 
 def test_shipped_configs_validate_and_state_the_reference_defaults():
-    for path in (CONF / "method" / "advunlearn.yaml", CONF / "method_model" / "advunlearn_shapes.yaml"):
-        check_params(unlearn, OmegaConf.to_container(OmegaConf.load(path)).get("params") or {})
+    check_method_confs(unlearn, "advunlearn")
     cfg = OmegaConf.load(CONF / "method" / "advunlearn.yaml")
-    assert cfg.name == "advunlearn" and cfg._target_ == "methods.advunlearn.unlearn" and cfg.reference is None
-    defaults = {k: p.default for k, p in adv.declared(unlearn).items()}
-    assert OmegaConf.to_container(cfg.params) == defaults  # the YAML spells out every default, nothing else
-    sweep = OmegaConf.load(CONF / "sweep" / "advunlearn.yaml")
-    assert set(sweep.hydra.sweeper.params) <= {f"method.params.{k}" for k in defaults}
+    assert cfg.reference is None
+    assert OmegaConf.to_container(cfg.params) == {k: p.default for k, p in adv.declared(unlearn).items()}  # every default, nothing else

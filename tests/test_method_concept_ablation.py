@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from bench.context import MethodContext
-from bench.hparams import ConfigError, check_params
+from bench.hparams import ConfigError
 from bench.sampling import UNetRows
-from bench.testing import tiny_concept, tiny_sd_pipeline
+from bench.testing import assert_each_rejected, check_method_confs, tiny_concept, tiny_sd_pipeline
 from methods import concept_ablation as ca
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,25 +57,15 @@ def test_signature_defaults_are_the_reference_sd_recipe():
     assert (d["prior_loss_weight"], d["style_prompt"]) == (1.0, "template")
 
 
-@pytest.mark.parametrize(
-    "params, key",
-    [({"loss": "bogus"}, "loss"), ({"lr": -1e-5}, "lr"), ({"steps": 0}, "steps"),
-     ({"parameter_group": "embedding"}, "parameter_group"), ({"learning_rate": 1e-5}, "learning_rate")],
-)
-def test_bad_hyperparameters_raise_config_error(params, key):
-    with pytest.raises(ConfigError, match=f"method.params.{key}"):
-        check_params(ca.unlearn, params)
+def test_bad_hyperparameters_raise_config_error():
+    assert_each_rejected(ca.unlearn, {"loss": "bogus", "lr": -1e-5, "steps": 0, "parameter_group": "embedding",
+                                      "learning_rate": 1e-5})
 
 
 @pytest.mark.parametrize("name", ["concept_ablation", "ca_model", "ca_noise"])
 def test_conf_files_validate(name):
-    cfg = OmegaConf.load(ROOT / "conf" / "method" / f"{name}.yaml")
-    assert cfg.name == name and cfg._target_ == "methods.concept_ablation.unlearn"
-    params = OmegaConf.to_container(cfg.params)
-    check_params(ca.unlearn, params)
-    shapes = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "method_model" / f"{name}_shapes.yaml").params)
-    resolved = check_params(ca.unlearn, {**params, **shapes})
-    assert resolved["loss"] == ("noise-based" if name == "ca_noise" else "model-based")
+    params = check_method_confs(ca.unlearn, name, same_defaults=False)
+    assert params["loss"] == ("noise-based" if name == "ca_noise" else "model-based")
 
 
 def test_missing_anchor_or_anchor_prompts_is_a_config_error():

@@ -2,15 +2,20 @@
 of every round against independent least-squares solves, and the configs."""
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from bench.hparams import ConfigError, check_params
-from bench.testing import changed, pipe_weights, tiny_concept, tiny_sd_pipeline
+from bench.hparams import check_params
+from bench.testing import (
+    assert_each_rejected,
+    changed,
+    check_method_confs,
+    pipe_weights,
+    tiny_concept,
+    tiny_sd_pipeline,
+)
 from methods import uce
 from methods.rece import _derive, unlearn
 
@@ -167,27 +172,11 @@ def test_preserve_clash_is_an_error():
 
 def test_bad_hyperparameters_are_named():
     assert check_params(unlearn, {})["rounds"] == 3
-    bad = {
-        "rounds": {"rounds": -1},
-        "reg_scale": {"reg_scale": 0},
-        "lamb": {"lamb": -0.1},
-        "preserve_scale": {"preserve_scale": "auto"},
-        "uce_keys": {"uce_keys": "first_token"},
-        "uce_preserve_scale": {"uce_preserve_scale": "sometimes"},
-        "solve_dtype": {"solve_dtype": "float16"},
-        "epochs": {"epochs": 3},
-    }
-    for key, params in bad.items():
-        with pytest.raises(ConfigError, match=key):
-            check_params(unlearn, params)
-    with pytest.raises(ConfigError, match="rounds"):
-        check_params(unlearn, {"rounds": 1.5})
+    assert_each_rejected(unlearn, {"rounds": -1, "reg_scale": 0, "lamb": -0.1, "preserve_scale": "auto",
+                                   "uce_keys": "first_token", "uce_preserve_scale": "sometimes",
+                                   "solve_dtype": "float16", "epochs": 3})
+    assert_each_rejected(unlearn, {"rounds": 1.5})
 
 
 def test_configs_validate_and_match_the_code_defaults():
-    method = OmegaConf.load(CONF / "method" / "rece.yaml")
-    assert method._target_ == "methods.rece.unlearn" and method.name == "rece" and method.display == "RECE"
-    params = OmegaConf.to_container(method.params)
-    defaults = {n: p.default for n, p in inspect.signature(unlearn).parameters.items() if p.kind is p.KEYWORD_ONLY and n != "ctx"}
-    assert check_params(unlearn, params) == defaults  # the YAML states every default, and the same ones
-    check_params(unlearn, OmegaConf.to_container(OmegaConf.load(CONF / "method_model" / "rece_shapes.yaml").params))
+    check_method_confs(unlearn, "rece", display="RECE")  # the YAML states every default, and the same ones

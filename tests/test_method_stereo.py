@@ -15,6 +15,7 @@ from bench.probes import _fewshot as fewshot
 from bench.probes.inversion import placeholders
 from bench.sampling import embed_prompts
 from bench.testing import (
+    assert_each_rejected,
     assert_seed_decides,
     changed,
     pipe_weights,
@@ -244,9 +245,7 @@ def test_hyperparameters_are_validated_before_loading():
     bad = {"train_method": "xattn-strict", "rounds": 0, "adv_embeddings": -1, "ste_lr": 0.0, "ste_negative_guidance": 1.0,
            "compositional_guidance_scale": 0.5, "ddim_steps": 2, "ti_steps": 0, "ti_init": "random", "templates": "photo",
            "anchor_prompts": "none", "image_guidance": -1.0, "iterations": 200}
-    for key, value in bad.items():
-        with pytest.raises(ConfigError, match=key):
-            check_params(stereo.unlearn, {key: value})
+    assert_each_rejected(stereo.unlearn, bad)
     pipe = tiny_sd_pipeline()
     with pytest.raises(ConfigError, match=r"adv_embeddings.*rounds"):
         stereo.unlearn(pipe, _concept(), rounds=1, adv_embeddings=2)
