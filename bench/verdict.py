@@ -28,6 +28,7 @@ calibration is that θ lands on "not erased" and the gold on "removed". Retain r
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,25 @@ def thresholds(schema: dict | None = None) -> dict[str, Any]:
     if "_default" not in margins:
         raise ThresholdError("schema `verdict.margins` needs a `_default` entry for probes it does not name")
     return th
+
+
+def format_p(p: float, p_decide: float | None = None) -> str:
+    """``p`` to two decimals, or to as many more as it takes not to print a decision gate (``p_decide``
+    or 1 − ``p_decide``; default: the shipped schema's) that ``p`` did not reach: under the 0.95 gate
+    an inconclusive 0.9496 prints ``0.9496``, never ``0.95`` (which would read as decided)."""
+    if p_decide is None:
+        p_decide = _shipped_p_decide()
+    lo, hi = 1 - p_decide, p_decide
+    for digits in range(2, 7):
+        s = f"{p:.{digits}f}"
+        if (float(s) >= hi) == (p >= hi) and (float(s) <= lo) == (p <= lo):
+            return s
+    return repr(float(p))
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_p_decide() -> float:
+    return float(thresholds()["p_decide"])
 
 
 def margin_of(th: dict, probe: str) -> dict[str, float]:
@@ -140,9 +160,9 @@ def _gate(p: float | None, p_decide: float, below: str, name: str, gate: float) 
     if p is None:
         return None
     if p >= p_decide:
-        return Verdict(below, p, f"P({name} < {gate:g}) = {p:.2f}")
+        return Verdict(below, p, f"P({name} < {gate:g}) = {format_p(p, p_decide)}")
     if p > 1 - p_decide:
-        return Verdict("inconclusive", p, f"{name}'s interval straddles the {gate:g} gate (P below = {p:.2f}): "
+        return Verdict("inconclusive", p, f"{name}'s interval straddles the {gate:g} gate (P below = {format_p(p, p_decide)}): "
                                           "more forget prompts or seeds would settle it")
     return None
 
@@ -173,17 +193,17 @@ def judge_forget(metrics: dict, probe_block: dict | None, gold_block: dict | Non
     p = float(np.mean(pairs[0] < pairs[1]))
     how = "paired by prompt and seed" if paired(rec, grec) else "independent bootstraps"
     if p >= p_decide:
-        return Verdict("concealed", p, f"P(recovers earlier than the gold − margin) = {p:.2f} ({how})")
+        return Verdict("concealed", p, f"P(recovers earlier than the gold − margin) = {format_p(p, p_decide)} ({how})")
     q = _p_not_earlier(*pairs)
     if q >= p_decide:
-        return Verdict("removed", q, f"P(recovers no earlier than the gold − margin) = {q:.2f} ({how})")
+        return Verdict("removed", q, f"P(recovers no earlier than the gold − margin) = {format_p(q, p_decide)} ({how})")
     if 1 - p >= p_decide:  # not earlier than the axis end − margin, but the gold never recovers on the axis
         m, _, censored = pairs
         share = float(np.mean(censored & np.isfinite(m)))  # the method recovers on the axis where the gold does not
-        return Verdict("inconclusive", p, f"P(recovers earlier than the gold − margin) = {p:.2f} ({how}), but the gold never "
+        return Verdict("inconclusive", p, f"P(recovers earlier than the gold − margin) = {format_p(p, p_decide)} ({how}), but the gold never "
                                           f"recovers up to {axis_max:g} while the method does in {share:.0%} of the replicates: "
                                           f"a longer {probe} axis would settle it")
-    return Verdict("inconclusive", p, f"P(recovers earlier than the gold − margin) = {p:.2f} ({how}): more attacked seeds or "
+    return Verdict("inconclusive", p, f"P(recovers earlier than the gold − margin) = {format_p(p, p_decide)} ({how}): more attacked seeds or "
                                       "prompts (a narrower recovery interval) would settle it")
 
 
@@ -195,9 +215,9 @@ def judge_retain(retain: dict, th: dict) -> Verdict:
     if p is None:
         return Verdict("unjudged", None, "the record carries no bootstrap replicates (an old schema)")
     if p >= th["p_decide"]:
-        return Verdict("damaged", p, f"P(retention < {th['retention_min']:g}) = {p:.2f}")
+        return Verdict("damaged", p, f"P(retention < {th['retention_min']:g}) = {format_p(p, th['p_decide'])}")
     if p <= 1 - th["p_decide"]:
-        return Verdict("kept", 1 - p, f"P(retention ≥ {th['retention_min']:g}) = {1 - p:.2f}")
+        return Verdict("kept", 1 - p, f"P(retention ≥ {th['retention_min']:g}) = {format_p(1 - p, th['p_decide'])}")
     return Verdict("inconclusive", p, f"retention's interval straddles the {th['retention_min']:g} gate")
 
 

@@ -7,6 +7,7 @@ import html
 import io
 from typing import TYPE_CHECKING
 
+from bench.verdict import format_p
 from leaderboard.table import (
     SUMMARY_KEYS,
     Ranking,
@@ -61,7 +62,7 @@ def md_escape(text: str) -> str:
 
 def verdict_text(v: dict, schema: dict) -> str:
     label = schema["verdict"]["labels"].get(v["key"], {}).get("display", v["key"])
-    return f"{label} (P {v['probability']:.2f})" if v.get("probability") is not None else label
+    return f"{label} (P {format_p(v['probability'], schema['verdict']['p_decide'])})" if v.get("probability") is not None else label
 
 
 def markdown(result: BuildResult, schema: dict) -> str:

@@ -278,10 +278,11 @@ def method_display(data: dict) -> str:
 
 
 def _show_variant(data: dict) -> bool:
-    """Show the variant beside the display name only when it adds something (esd-x, not uce)."""
+    """Show the variant beside the display name only when it adds something: STEREO (stereo-noxattn), not
+    UCE (uce) or Concept Ablation (model-based) (model-based)."""
     m = data["method"]
     v = m.get("variant")
-    return isinstance(v, str) and bool(v) and v.lower() not in (method_display(data).lower(), m["name"].lower())
+    return isinstance(v, str) and bool(v) and v.lower() not in method_display(data).lower() and v.lower() != m["name"].lower()
 
 
 def _is_number(x: Any) -> bool:

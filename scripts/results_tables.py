@@ -68,7 +68,7 @@ def vtext(v: V.Verdict) -> str:
     key = SHORT.get(v.key, v.key)
     if v.key == "inconclusive":  # say which gate did not decide
         key += " on " + next((w for w in ("erasure", "specificity") if v.detail.startswith(w)), "recovery")
-    return f"{key} ({v.probability:.2f})" if v.probability is not None else key
+    return f"{key} ({V.format_p(v.probability)})" if v.probability is not None else key
 
 
 def main() -> int:

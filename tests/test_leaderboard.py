@@ -375,3 +375,12 @@ def test_legacy_record_upgrade_keeps_its_numbers():
     assert pd["metrics"]["recover"]["value"] == 0.3 and pd["metrics"]["ccs"] == old["metrics"]["ccs"]
     assert new["metrics"]["erasure"] == old["metrics"]["erasure"] and "ccs" not in new["metrics"]
     assert pd["protocol"]["hash"] == old["protocol"]["hash"] and new["legacy"] == 1
+
+
+@pytest.mark.parametrize("display, variant, shown", [
+    ("STEREO", "stereo-noxattn", True), ("ESD", "esd-x", True), ("UCE", "uce", False),
+    ("Concept Ablation (model-based)", "model-based", False),  # the display already says it
+])
+def test_a_variant_is_shown_only_where_it_adds_to_the_name(display, variant, shown):
+    from leaderboard.table import _show_variant
+    assert _show_variant({"method": {"name": variant.split("-")[0], "display": display, "variant": variant}}) is shown

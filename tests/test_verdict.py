@@ -163,3 +163,16 @@ def test_a_censored_interval_reads_never_beyond_the_axis_without_numpy_warnings(
         lo, hi = S._percentile_ci(reps, censored=True)
     assert lo == pytest.approx(0.1 + 0.2 * 24.975 / 899, abs=1e-4) and hi is None  # the 2.5% point: index 24.975 of 1000
     assert S._percentile_ci(np.linspace(0.1, 0.3, 1000), censored=True)[1] == pytest.approx(0.295, abs=1e-3)
+
+
+def test_a_probability_is_never_printed_on_a_gate_it_did_not_reach():
+    # an inconclusive 0.9496 under the 0.95 gate rounds to "0.95", which reads as decided
+    assert V.format_p(0.9496, 0.95) == "0.9496" and V.format_p(0.0504, 0.95) == "0.0504"
+    assert V.format_p(0.94, 0.95) == "0.94" and V.format_p(0.951, 0.95) == "0.95" and V.format_p(1.0, 0.95) == "1.00"
+    assert V.format_p(0.05, 0.95) == "0.05" and V.format_p(0.123, 0.95) == "0.12"
+    # the specificity gate with P just below p_decide: inconclusive, and its detail says so in digits
+    n = 10_000
+    reps = [0.4] * 9_496 + [0.6] * (n - 9_496)  # P(specificity < 0.5) = 0.9496
+    spec = {"value": 0.45, "ci": None, "n": {"prompts": 6, "seeds": 16}, "replicates": reps}
+    v = V.judge_forget({**forget(erasure=0.99), "specificity": spec}, block(None), GOLD, "partial_diffusion", TH)
+    assert v.key == "inconclusive" and "0.9496" in v.detail and "0.95)" not in v.detail
