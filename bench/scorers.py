@@ -52,6 +52,10 @@ SCORERS: dict[str, Scorer] = {s.name: s for s in (
            "θ* over θ", TWO_LEVEL, level="prompt"),
     Scorer("detect_u", {"forget": "lower", "retain": "higher"}, "mean over prompts", TWO_LEVEL, level="prompt"),
     Scorer("detect_o", _both("none", "none"), "mean over prompts", TWO_LEVEL, level="prompt"),
+    Scorer("off_domain_u", _both("none", "none"),
+           "mean over prompts of the share of λ_U images outside the detector's domain (Shapes: tinted backgrounds, "
+           "where the oracle misreads shapes); a warning beside erasure, specificity and retention, not a ranking",
+           TWO_LEVEL, ranked=False, level="prompt"),
     Scorer("kid_uo", {"retain": "lower"}, "mean over retain prompts of KID(λ_U, λ_O)", PROMPTS_ONLY, level="prompt"),
     Scorer("classifier_val_acc", _both("none", "none"), "mean over prompts", PROMPTS_ONLY, level="prompt"),
     Scorer("ccs", _both("lower", "higher"), "mean over the axis and attacked seeds, then over prompts", TWO_LEVEL),
@@ -88,6 +92,11 @@ def prompt_scores(detector: Any, concept: Any, prompt: str, cls: str, o: np.ndar
     m["detect_u"], m["detect_o"] = M.detection_rate(du, seed=seed), M.detection_rate(do, seed=seed)
     m["erasure" if cls == "forget" else "retention"] = (M.erasure if cls == "forget" else M.retention)(du, do, seed=seed)
     units["du"], units["do"] = _ints(du), _ints(do)
+    off_domain = getattr(detector, "off_domain", None)
+    if off_domain is not None:  # where the detections above cannot be trusted (the images sit outside its training)
+        off = off_domain(u)
+        m["off_domain_u"] = M.detection_rate(off, seed=seed)
+        units["off"] = _ints(off)
     if cls == "forget":
         ku, ko = _keeps(detector, u, prompt, concept), _keeps(detector, o, prompt, concept)
         if ku is not None:
@@ -271,6 +280,7 @@ _TWO_LEVEL = {
     "specificity": (("ku", "ko"), _ratio_statistic),
     "detect_u": (("du",), _mean_statistic),
     "detect_o": (("do",), _mean_statistic),
+    "off_domain_u": (("off",), _mean_statistic),
     "ccs": (("p_original",), _mean_statistic),
     "crs": (("retrieval",), _mean_statistic),
 }

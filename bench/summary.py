@@ -55,6 +55,9 @@ def summary_lines(record: dict, rec_path: Path, golds: dict[str, dict | None]) -
              "   (95% intervals: prompts, then seeds)"]
     try:
         vs = verdicts(record, golds)
+        note = V.off_domain_note(record, V.thresholds())
+        if note:
+            lines.append(f"  WARNING: {note}")
     except V.ThresholdError as e:
         vs = {}
         lines.append(f"  verdicts unavailable: {e}")

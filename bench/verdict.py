@@ -59,7 +59,7 @@ def thresholds(schema: dict | None = None) -> dict[str, Any]:
     if schema is None:
         schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
     th = schema.get("verdict") or {}
-    for k in ("erasure_min", "specificity_min", "retention_min", "p_decide"):
+    for k in ("erasure_min", "specificity_min", "retention_min", "p_decide", "off_domain_warn"):
         v = th.get(k)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
             raise ThresholdError(f"schema `verdict.{k}` must be a number in [0, 1], got {v!r}")
@@ -205,6 +205,21 @@ def judge_forget(metrics: dict, probe_block: dict | None, gold_block: dict | Non
                                           f"a longer {probe} axis would settle it")
     return Verdict("inconclusive", p, f"P(recovers earlier than the gold − margin) = {format_p(p, p_decide)} ({how}): more attacked seeds or "
                                       "prompts (a narrower recovery interval) would settle it")
+
+
+def off_domain_note(record: dict, th: dict) -> str | None:
+    """A warning when more than ``off_domain_warn`` of θ*'s forget or retain images sit outside the
+    detector's domain (``off_domain_u``; Shapes: tinted backgrounds, where the oracle misreads shapes):
+    the row's erasure, specificity and retention, and so its verdicts, may misstate what its grid shows.
+    None when the record does not measure it (SD worlds, older records) or the share is below."""
+    shares = {cls: ((record.get(key) or {}).get("off_domain_u") or {}).get("value")
+              for cls, key in (("forget", "metrics"), ("retain", "retain"))}
+    high = {cls: v for cls, v in shares.items() if v is not None and v > th["off_domain_warn"]}
+    if not high:
+        return None
+    parts = " and ".join(f"{v:.0%} of its {cls} images" for cls, v in high.items())
+    return (f"the detector reads {parts} outside its domain (tinted backgrounds, where the Shapes oracle misreads "
+            "shapes): erasure, specificity and retention may misstate this row — compare them with its λ_U grid")
 
 
 def judge_retain(retain: dict, th: dict) -> Verdict:

@@ -79,6 +79,13 @@ class ShapesDetector:
             ok &= hits[f] == v
         return ok
 
+    def off_domain(self, images: np.ndarray) -> np.ndarray:
+        """Per image: is it outside the oracle's training domain (a tinted background, where its
+        readings fail; ``bench.world.fidelity.off_domain``)? A diagnostic beside the detections."""
+        from bench.world.fidelity import off_domain
+
+        return off_domain(images)
+
     def features(self, images: np.ndarray) -> np.ndarray:
         """Penultimate oracle features: the world's feature space for KID."""
         return self.det.embed(images)

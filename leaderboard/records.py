@@ -80,6 +80,7 @@ def gather(roots: Iterable[tuple[str, Path]]) -> list[tuple[str, Path]]:
 def load(source: str, path: Path, schema: dict) -> tuple[Record | None, list[Issue]]:
     """Parse and validate one record file against ``schema`` (leaderboard/schema.json)."""
     from bench.recordspec import LEGACY_VERSIONS, SCHEMA_VERSION, check_record, upgrade_v1
+    from bench.verdict import off_domain_note, thresholds
 
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -106,6 +107,9 @@ def load(source: str, path: Path, schema: dict) -> tuple[Record | None, list[Iss
         return None, [Issue(source, "; ".join(errors))]
     record = Record(source, Path(path).parent, data)
     warnings += _check_prompts(data)
+    off_domain = off_domain_note(data, thresholds(schema))
+    if off_domain:
+        warnings.append(off_domain)
     record.artifacts, artifact_warnings, infos = _check_artifacts(record, schema)
     warnings += artifact_warnings
     return record, [Issue(source, w, "warning") for w in notes + warnings] + [Issue(source, i, "info") for i in infos]

@@ -289,6 +289,7 @@ def test_schema_is_complete_and_agrees_with_the_scorers():
     ("specificity_min", 1.5, "schema `verdict.specificity_min` must be a number in [0, 1], got 1.5"),
     ("erasure_min", -0.1, "schema `verdict.erasure_min` must be a number in [0, 1], got -0.1"),
     ("p_decide", 0.4, "schema `verdict.p_decide` must be above 0.5"),
+    ("off_domain_warn", 2, "schema `verdict.off_domain_warn` must be a number in [0, 1], got 2"),
     ("p_decide", "high", "schema `verdict.p_decide` must be a number in [0, 1], got 'high'"),
 ])
 def test_a_bad_threshold_in_the_schema_is_one_clear_message(tmp_path, capsys, key, value, message):
@@ -384,3 +385,15 @@ def test_legacy_record_upgrade_keeps_its_numbers():
 def test_a_variant_is_shown_only_where_it_adds_to_the_name(display, variant, shown):
     from leaderboard.table import _show_variant
     assert _show_variant({"method": {"name": variant.split("-")[0], "display": display, "variant": variant}}) is shown
+
+
+def test_a_row_read_outside_the_detectors_domain_is_a_warning_on_the_page(tmp_path):
+    from leaderboard.samples import metric
+
+    tinted = record("k-tinted", "receler", "blue")
+    tinted["metrics"]["off_domain_u"] = metric(1.0, [1.0, 1.0], {"prompts": 3, "seeds": 64})
+    write(tmp_path / "records" / "runs", tinted)
+    write(tmp_path / "records" / "runs", record("k-grey", "uce", "blue"))
+    result, _ = _build(tmp_path)
+    warned = [i for i in result.issues if "outside its domain" in i.reason]
+    assert [i.severity for i in warned] == ["warning"] and "k-tinted" in warned[0].source

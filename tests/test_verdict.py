@@ -176,3 +176,11 @@ def test_a_probability_is_never_printed_on_a_gate_it_did_not_reach():
     spec = {"value": 0.45, "ci": None, "n": {"prompts": 6, "seeds": 16}, "replicates": reps}
     v = V.judge_forget({**forget(erasure=0.99), "specificity": spec}, block(None), GOLD, "partial_diffusion", TH)
     assert v.key == "inconclusive" and "0.9496" in v.detail and "0.95)" not in v.detail
+
+
+def test_a_row_read_outside_the_detectors_domain_is_flagged_and_only_then():
+    rec = {"metrics": {"off_domain_u": {"value": 1.0}}, "retain": {"off_domain_u": {"value": 0.40}}}
+    note = V.off_domain_note(rec, TH)
+    assert "100% of its forget images and 40% of its retain images outside its domain" in note and "λ_U grid" in note
+    assert V.off_domain_note({"metrics": {"off_domain_u": {"value": 0.05}}, "retain": {}}, TH) is None
+    assert V.off_domain_note({"metrics": {}, "retain": {}}, TH) is None  # SD worlds and older records do not measure it

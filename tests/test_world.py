@@ -131,6 +131,32 @@ def test_shipped_detector_reads_shape_and_texture_through_dull_tones():
     assert (det.predict(dark)["shape"].argmax(1) == SHAPES.index("cross")).mean() >= 0.97
 
 
+def test_a_tinted_background_is_off_the_oracles_domain_and_a_grey_one_never():
+    from bench.world.fidelity import MAX_TINT, background_tint, off_domain
+
+    b = render_random(400, seed=616161)
+    assert background_tint(b.images).max() == 0.0 and not off_domain(b.images).any()  # every render: grey
+    blue = b.images.copy()
+    blue[:, :2], blue[:, -2:], blue[:, :, :2], blue[:, :, -2:] = (40, 60, 200), (40, 60, 200), (40, 60, 200), (40, 60, 200)
+    assert off_domain(blue).all() and background_tint(blue).min() > MAX_TINT
+    # a shape reaching into the frame on one side leaves the median on the background
+    edge = b.images.copy()
+    edge[:, :2] = (230, 20, 20)
+    assert not off_domain(edge).any()
+
+
+@needs_world
+def test_the_oracle_on_tinted_backgrounds_is_measured_from_the_same_draws():
+    from bench.world.detector import Detector
+    from bench.world.fidelity import MAX_TINT, tinted_accuracy
+
+    acc = tinted_accuracy(Detector.load(WORLD / "detector"), n=300, tints=(0.0, 1.0))
+    for colour in ("blue", "yellow", "red"):
+        plain, full = acc[f"{colour}_0"], acc[f"{colour}_1"]
+        assert plain["frame_tint"] == 0.0 and plain["shape"] >= 0.98  # mix 0 is the plain render
+        assert full["frame_tint"] > MAX_TINT  # the full tint is off the domain by the same measure
+
+
 def test_micro_world_build_runs_and_resumes(tmp_path):
     """A handful of steps of every training job, then an interrupted job resumes identically."""
     from bench.world import train

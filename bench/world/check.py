@@ -2,7 +2,8 @@
 
 Reports (issue "Foundation", must-show list):
 - oracle accuracy per head on 2,000 held-out renders, on their VAE reconstructions, and (shape,
-  texture) on darkened and desaturated copies — the duller tones of generated images;
+  texture) on darkened and desaturated copies — the duller tones of generated images; and on renders
+  whose grey background is tinted (outside its training: where edited models can take it);
 - base-model fidelity for every forget and retain prompt of every preset (64 seeds, guidance 7.5),
   and on 20 grammar prompts that no preset uses;
 - each gold-standard UNet: concept detection on its forget prompts, fidelity on its retain prompts.
@@ -18,7 +19,7 @@ import torch
 
 from bench.world.captions import parse, random_prompts
 from bench.world.detector import HEADS, Detector
-from bench.world.fidelity import factor_hits, generate, prompt_fidelity
+from bench.world.fidelity import MAX_TINT, factor_hits, generate, prompt_fidelity, tinted_accuracy
 from bench.world.render import render_random
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "concept"
@@ -89,6 +90,11 @@ def run_check(world: Path, seeds: int = 64, out: Path | None = None, golds: list
     for h in HEADS:
         tone = " / ".join(f"{acc[k][h]:.4f}" if h in acc[k] else "  –   " for k in ("darkened_x0.5", "desaturated_50pct"))
         print(f"  {h:8s} {acc['renders'][h]:.4f} / {acc['vae_reconstructions'][h]:.4f} / {tone}")
+    result["detector_tinted"] = tinted = tinted_accuracy(det)
+    print("oracle accuracy on the same kind of renders with the grey background tinted (outside its training; "
+          f"an image whose frame tint exceeds {MAX_TINT} counts as off its domain, `off_domain_u`)")
+    for key, row in tinted.items():
+        print(f"  {key:10s} frame tint {row['frame_tint']:.2f}   " + "   ".join(f"{h} {row[h]:.3f}" for h in HEADS))
 
     used = set()
     rows = []
