@@ -71,7 +71,7 @@ def factor_hits(images: np.ndarray, detector: Detector) -> dict[str, np.ndarray]
 # The oracle was trained on renders whose backgrounds are grey (two-tone or plain); an edited model
 # can paint the background in a colour, where the oracle's reading of the shape fails: on renders
 # whose grey background is tinted to a frame saturation of about 0.3 its shape accuracy falls from
-# 1.00 to 0.76-0.82, fully tinted to 0.39-0.44, most shapes read as crosses (``tinted_accuracy``).
+# 1.00 to 0.75-0.80, fully tinted to 0.40-0.44, most shapes read as crosses (``tinted_accuracy``).
 FRAME_PX = 2        # the frame read as background: a shape reaches it only at its largest radius and jitter
 MAX_TINT = 0.3      # median HSV saturation of the frame above which an image is outside the oracle's domain
 
@@ -98,10 +98,10 @@ def tinted_accuracy(detector: Detector, n: int = 2000, seed: int = 999_999,
     the mix towards the colour, 1 = fully tinted): accuracy per head and the frame saturation
     (``background_tint``) the tint gives, per colour and mix. The shape is found by rendering the
     same draw twice in two colours (the nuisance draws do not depend on the colour)."""
-    from bench.world.render import COLOURS, render
+    from bench.world.render import COLOURS, SHAPES, TEXTURES, render
 
     rng = np.random.default_rng(seed)
-    shape, colour, texture = (rng.integers(0, k, n) for k in (6, len(COLOURS), 4))
+    shape, colour, texture = (rng.integers(0, len(v), n) for v in (SHAPES, COLOURS, TEXTURES))
     a = render(shape, colour, texture, seed=seed + 1)
     b = render(shape, (colour + 3) % len(COLOURS), texture, seed=seed + 1)
     shape_px = (np.abs(a.images.astype(np.int16) - b.images.astype(np.int16)).sum(-1) > 30)[..., None]
