@@ -174,7 +174,7 @@ def data_js(result: BuildResult, schema: dict) -> str:
     """The page's data as a script. ``<``, ``>`` and ``&`` are escaped inside the JSON so no
     record string can end a script element, whatever context the file is used in."""
     keep = ("id", "group", "record", "records", "seeds", "ranking", "concept", "method", "variant", "display", "class",
-            "reference", "values", "order")
+            "reference", "values", "order", "warning")
     data = {
         "paper": schema["paper"],
         "columns": {rk.id: [{k: c[k] for k in ("key", "display", "kind", "null_sort", "probe") if k in c} for c in rk.columns]

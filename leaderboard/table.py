@@ -220,7 +220,10 @@ def make_row(group: Group, cls: str, ranking: Ranking, schema: dict) -> dict:
     gold_curve = class_curve(gold.records[0].data, cls, primary) if gold is not None and gold is not group else None
     m = first["method"]
     verdicts = ranking.verdicts[group.id]
+    th = V.thresholds(schema)
+    notes = [(r.data.get("seed", 0), V.off_domain_note(r.data, th)) for r in group.records]
     return {
+        "warning": "; ".join(f"seed {seed}: {note}" for seed, note in notes if note) or None,
         "id": f"{group.id}-{cls}", "group": group.id, "record": first["job_key"], "records": [r.data["job_key"] for r in group.records],
         "seeds": group.seeds, "ranking": ranking.id, "concept": group.concept, "method": group.method,
         "variant": m.get("variant") if isinstance(m.get("variant"), str) else None,

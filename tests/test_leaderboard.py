@@ -394,6 +394,11 @@ def test_a_row_read_outside_the_detectors_domain_is_a_warning_on_the_page(tmp_pa
     tinted["metrics"]["off_domain_u"] = metric(1.0, [1.0, 1.0], {"prompts": 3, "seeds": 64})
     write(tmp_path / "records" / "runs", tinted)
     write(tmp_path / "records" / "runs", record("k-grey", "uce", "blue"))
-    result, _ = _build(tmp_path)
+    result, out = _build(tmp_path)
     warned = [i for i in result.issues if "outside its domain" in i.reason]
     assert [i.severity for i in warned] == ["warning"] and "k-tinted" in warned[0].source
+    data = json.loads((out / "data.js").read_text().removeprefix("window.LEADERBOARD = ").removesuffix(";\n"))
+    rows = {(r["method"], r["class"]): r for rk in data["rankings"] for r in rk["rows"]}  # and on the row itself
+    assert rows[("receler", "forget")]["warning"].startswith("seed 0: the detector reads 100% of its forget images")
+    assert rows[("uce", "forget")]["warning"] is None
+    assert "⚠ off the detector's domain" in (out / "index.html").read_text()
