@@ -54,8 +54,9 @@ def summary_lines(record: dict, rec_path: Path, golds: dict[str, dict | None]) -
              f"  erasure {_num(m.get('erasure'))}   specificity {_num(m.get('specificity'))}   retention {_num(r.get('retention'))}"
              "   (95% intervals: prompts, then seeds)"]
     try:
-        vs = verdicts(record, golds)
-        note = V.off_domain_note(record, V.thresholds())
+        th = V.thresholds()
+        vs = verdicts(record, golds, th)
+        note = V.off_domain_note(record, th)
         if note:
             lines.append(f"  WARNING: {note}")
     except V.ThresholdError as e:

@@ -128,8 +128,9 @@ def make_rankings(records: list[Record], schema: dict) -> list[Ranking]:
                 rk.golds.setdefault(g.concept, g)
         for g in rk.groups:
             rk.verdicts[g.id] = group_verdicts(g, rk, th)
+            warning = group_warning(g, th)
             for cls in CLASSES:
-                rk.rows.append(make_row(g, cls, rk, schema))
+                rk.rows.append(make_row(g, cls, rk, schema, warning))
         rk.rows.sort(key=lambda row: _rank_key(row, schema))
         for n, row in enumerate(rk.rows):
             row["order"] = n
@@ -185,8 +186,15 @@ def _combined(per: list[tuple[int, V.Verdict]]) -> dict:
     return {**c.to_dict(), "per_seed": [{"seed": s, **v.to_dict()} for s, v in per]}
 
 
-def make_row(group: Group, cls: str, ranking: Ranking, schema: dict) -> dict:
-    """One table row: raw ``values`` (for sorting and the CSV), formatted ``cells``, verdicts."""
+def group_warning(group: Group, th: dict) -> str | None:
+    """Each seed's off-domain note (``bench.verdict.off_domain_note``), joined; None when no seed has one."""
+    notes = [(r.data.get("seed", 0), V.off_domain_note(r.data, th)) for r in group.records]
+    return "; ".join(f"seed {seed}: {note}" for seed, note in notes if note) or None
+
+
+def make_row(group: Group, cls: str, ranking: Ranking, schema: dict, warning: str | None = None) -> dict:
+    """One table row: raw ``values`` (for sorting and the CSV), formatted ``cells``, verdicts, and the
+    group's ``warning`` (``group_warning``) for the badge beside its name."""
     values: dict[str, Any] = {}
     cells: dict[str, dict] = {}
     for col in ranking.columns:
@@ -220,10 +228,8 @@ def make_row(group: Group, cls: str, ranking: Ranking, schema: dict) -> dict:
     gold_curve = class_curve(gold.records[0].data, cls, primary) if gold is not None and gold is not group else None
     m = first["method"]
     verdicts = ranking.verdicts[group.id]
-    th = V.thresholds(schema)
-    notes = [(r.data.get("seed", 0), V.off_domain_note(r.data, th)) for r in group.records]
     return {
-        "warning": "; ".join(f"seed {seed}: {note}" for seed, note in notes if note) or None,
+        "warning": warning,
         "id": f"{group.id}-{cls}", "group": group.id, "record": first["job_key"], "records": [r.data["job_key"] for r in group.records],
         "seeds": group.seeds, "ranking": ranking.id, "concept": group.concept, "method": group.method,
         "variant": m.get("variant") if isinstance(m.get("variant"), str) else None,
