@@ -7,7 +7,7 @@ import torch
 
 from bench.world import captions
 from bench.world.render import COLOURS, SHAPES, TEXTURES, render, render_random
-from tests.conftest import WORLD, needs_world
+from tests.conftest import ROOT, WORLD, needs_world
 
 
 def test_renderer_is_deterministic_and_seed_sensitive():
@@ -155,6 +155,27 @@ def test_the_oracle_on_tinted_backgrounds_is_measured_from_the_same_draws():
         plain, full = acc[f"{colour}_0"], acc[f"{colour}_1"]
         assert plain["frame_tint"] == 0.0 and plain["shape"] >= 0.98  # mix 0 is the plain render
         assert full["frame_tint"] > MAX_TINT  # the full tint is off the domain by the same measure
+
+
+@needs_world
+def test_every_shapes_prompt_score_records_its_off_domain_share():
+    from omegaconf import OmegaConf
+
+    from bench.concepts import concept_from_cfg
+    from bench.scorers import aggregate, prompt_scores
+    from bench.world.detector import Detector
+    from bench.worlds import ShapesDetector
+
+    det = ShapesDetector(Detector.load(WORLD / "detector"))
+    concept = concept_from_cfg(OmegaConf.load(ROOT / "conf" / "concept" / "blue.yaml"))
+    o = render([SHAPES.index("star")] * 16, [COLOURS.index("blue")] * 16, [0] * 16, seed=3).images
+    u = o.copy()
+    u[:8, :2], u[:8, -2:], u[:8, :, :2], u[:8, :, -2:] = (40, 60, 200), (40, 60, 200), (40, 60, 200), (40, 60, 200)
+    m, units = prompt_scores(det, concept, "a blue star on a plain background", "forget", o, u, n=8, seed=0)
+    assert m["off_domain_u"].value == 0.5 and units["off"] == [1] * 8 + [0] * 8  # θ*'s images, not θ's
+    job, _ = aggregate([{"class": "forget", "prompt": "p", "metrics": {k: v.to_dict() for k, v in m.items()},
+                         "units": units, "curve": []}], "forget", seed=0)
+    assert job["off_domain_u"]["value"] == 0.5 and job["off_domain_u"]["ci"] is not None
 
 
 def test_micro_world_build_runs_and_resumes(tmp_path):
