@@ -26,11 +26,11 @@ REPLICATE_DIR ?= multirun/replicate-$(METHOD)-$(CONCEPT)
 help: ## Show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z_-]+:.*## /{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-install: ## Create .venv and install the project with its dev extras (torch 2.14.1 + torchvision 0.29.1 pinned)
+install: ## Create .venv and install the project with its dev extras (torch 2.14.1 + torchvision 0.29.1 pinned, the rest under constraints.txt)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install -q -e ".[dev,sd]" "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,sd]" "torch==2.14.1" "torchvision==0.29.1"
 
 world: ## Rebuild the Shapes world (PART=all|vae|detector|base|gold [CONCEPT=star]); resumes from checkpoints
 	$(PY) -m bench.world build --part $(PART) $(if $(and $(filter gold,$(PART)),$(filter command line,$(origin CONCEPT))),--concept $(CONCEPT)) $(ARGS)
