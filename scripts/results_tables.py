@@ -116,12 +116,13 @@ def main() -> int:
         out.append(f"| {c} | {m} | " + " | ".join(vtext(vs[p]) if p in vs else "–" for p in probes) + " |")
     out += ["", "#### Which probe exposes each concealing row", "",
             f"Probes in order of their median wall time per job: {', '.join(display[p] for p in cheap)}.", "",
-            "| concept | method | cheapest probe that exposes it | every probe that does |", "|---|---|---|---|"]
+            "| concept | method | cheapest probe that exposes it | every probe that does | probes run |", "|---|---|---|---|---|"]
     removed_everywhere = []
     for (c, m), vs in verdicts.items():
         conc = [p for p in cheap if p in vs and vs[p].key == "concealed"]
         if conc:
-            out.append(f"| {c} | {m} | {display[conc[0]]} | {', '.join(display[p] for p in conc)} |")
+            ran = "all" if len(vs) == len(probes) else ", ".join(display[p] for p in cheap if p in vs)
+            out.append(f"| {c} | {m} | {display[conc[0]]} | {', '.join(display[p] for p in conc)} | {ran} |")
         if vs and all(v.key == "removed" for v in vs.values()) and len(vs) == len(probes):
             removed_everywhere.append(f"{m} on {c}")
     out += ["", "Rows every probe calls removed: " + (", ".join(removed_everywhere) or "none") + "."]
