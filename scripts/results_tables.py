@@ -6,7 +6,7 @@ Prints Markdown: (1) erasure, specificity and retention with their intervals, an
 recovery point [95% CI] per method and concept, the gold
 standard's and the original model's rows included; (2) the verdict per probe with its probability;
 (3) for each row some probe calls concealed, the cheapest probe that does (by its median wall time
-over the records) and every probe that does; rows every probe calls removed; (4) the replicated
+over the records), every probe that does and which probes the row ran; rows every probe calls removed; (4) the replicated
 seeds' verdict agreement when several seeds are present; (5) per method, across concepts and
 probes, how many cells read each verdict. Verdicts are the records' own (judged by
 ``bench.verdict`` against the gold record of the same seed and probe protocol when the job ran);
