@@ -119,11 +119,12 @@ def main() -> int:
             "| concept | method | cheapest probe that exposes it | every probe that does | probes run |", "|---|---|---|---|---|"]
     removed_everywhere = []
     for (c, m), vs in verdicts.items():
+        ran_all = len(vs) == len(probes)
         conc = [p for p in cheap if p in vs and vs[p].key == "concealed"]
         if conc:
-            ran = "all" if len(vs) == len(probes) else ", ".join(display[p] for p in cheap if p in vs)
+            ran = "all" if ran_all else ", ".join(display[p] for p in cheap if p in vs)
             out.append(f"| {c} | {m} | {display[conc[0]]} | {', '.join(display[p] for p in conc)} | {ran} |")
-        if vs and all(v.key == "removed" for v in vs.values()) and len(vs) == len(probes):
+        if vs and ran_all and all(v.key == "removed" for v in vs.values()):
             removed_everywhere.append(f"{m} on {c}")
     out += ["", "Rows every probe calls removed: " + (", ".join(removed_everywhere) or "none") + "."]
     out += method_summary(verdicts, probes)
