@@ -78,7 +78,22 @@ def git_sha() -> str | None:
         return None
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; elsewhere what ``platform`` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment() -> dict[str, Any]:
+    """What ran the job. ``cpu_isa`` is the vector instruction set torch's CPU kernels dispatch to
+    (AVX512, AVX2, …): the same config and seed give bit-identical numbers under the same library
+    versions and ISA, but a method trained for hundreds of steps drifts apart across ISAs (float
+    sums in another order), so two records that disagree should first be compared on it."""
     import diffusers
     import torch
     import transformers
@@ -92,6 +107,9 @@ def environment() -> dict[str, Any]:
         "git_sha": git_sha(),
         "host": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+        **({"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}),
     }
 
 
