@@ -108,7 +108,7 @@ def environment() -> dict[str, Any]:
         "host": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(),
         "cpu": cpu_model(),
-        "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+        "cpu_isa": getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)(),  # torch ≥ 2.1
         **({"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}),
     }
 
