@@ -89,6 +89,28 @@ def cpu_model() -> str | None:
     return platform.processor() or None
 
 
+def cpu_isa() -> str | None:
+    """The vector instruction set torch's CPU kernels dispatch to (``AVX512``, ``AVX2``, …; it honours
+    ``ATEN_CPU_CAPABILITY``), or None on a torch older than 2.1."""
+    import torch
+
+    return getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)()
+
+
+def kernels(device: Any) -> str:
+    """Which kernels compute on ``device``: ``cpu:AVX2``, ``cuda:NVIDIA H100 …``. Float results differ in
+    their low bits from one to another, so cached images are keyed by it (``Job.cache_key``): a cache
+    shared by unlike machines, as in a Slurm sweep, must not make a job's numbers depend on which
+    machine filled it first."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    isa = cpu_isa() if device.type == "cpu" else None
+    return f"{device.type}:{isa}" if isa else device.type
+
+
 def environment() -> dict[str, Any]:
     """What ran the job. ``cpu_isa`` is the vector instruction set torch's CPU kernels dispatch to
     (AVX512, AVX2, …): the same config and seed give bit-identical numbers under the same library
@@ -108,7 +130,7 @@ def environment() -> dict[str, Any]:
         "host": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(),
         "cpu": cpu_model(),
-        "cpu_isa": getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)(),  # torch ≥ 2.1
+        "cpu_isa": cpu_isa(),
         **({"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}),
     }
 

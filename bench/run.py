@@ -54,6 +54,7 @@ from bench.record import (
     SCHEMA_VERSION,
     environment,
     job_key,
+    kernels,
     now,
     protocols,
     read_record,
@@ -211,8 +212,10 @@ class Job:
         return torch.autocast(self.device.type, dtype=getattr(torch, self.precision))
 
     def cache_key(self) -> dict:
-        # fp16 images differ from fp32 ones: cached λ_O sets and snapshots must not mix (absent = fp32).
-        return {"model": self.model_hash, **({"precision": self.precision} if self.precision else {})}
+        # Cached λ_O sets and snapshots must not mix images that differ: fp16 from fp32 (absent = fp32),
+        # nor one CPU instruction set or GPU from another (``record.kernels``).
+        return {"model": self.model_hash, "kernels": kernels(self.device),
+                **({"precision": self.precision} if self.precision else {})}
 
     def _images(self, unet, prompt: str, seeds: list[int]) -> np.ndarray:
         from bench.sampling import decode, generate

@@ -76,6 +76,18 @@ def test_noop_smoke_record_and_rerun_is_skipped(tmp_path, capsys):
     rec2 = json.loads(recs[-1].read_text())
     assert rec2["job_key"] != rec["job_key"] and rec2["protocol"]["hash"] == rec["protocol"]["hash"]
     assert rec2["cost"]["cache"]["misses"] == [] and rec2["cost"]["cache"]["hits"]
+    # cached images are keyed by the kernels that computed them: another ISA gets its own entries
+    from bench.cache import load_entry
+    from bench.record import kernels
+
+    here = kernels("cpu")
+    for kind in ("lambda_o", "prefix"):
+        entries = list((tmp_path / "cache" / kind).glob("*.safetensors"))
+        assert entries and all(load_entry(e)[1]["key"]["kernels"] == here for e in entries), kind
+    other = subprocess.run([sys.executable, "-c", "from bench.record import kernels; print(kernels('cpu'))"],
+                           env={**os.environ, "ATEN_CPU_CAPABILITY": "default"}, cwd=Path(CONF).parent,
+                           capture_output=True, text=True, check=True)
+    assert here == f"cpu:{rec['env']['cpu_isa']}" and other.stdout.strip() == "cpu:DEFAULT"
 
 
 @needs_world

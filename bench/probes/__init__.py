@@ -108,7 +108,7 @@ class ProbeContext:
     detector: Any = None
     progress: bool = True
     world: str = "shapes"
-    cache_key: dict[str, Any] = field(default_factory=dict)  # what cached entries of this model are keyed by (its hash, precision)
+    cache_key: dict[str, Any] = field(default_factory=dict)  # what cached entries of this model are keyed by (its hash, kernels, precision)
 
     def seeds(self, offset: int, n: int) -> list[int]:
         from bench.run import job_seed_base
