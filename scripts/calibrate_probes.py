@@ -11,7 +11,8 @@ eval=quick with one retain prompt: the probes run on forget prompts only) under
 before the first third of the axis on any concept (a probe that teaches a never-knew model the
 concept at once cannot tell removal from concealment); the default is the strongest eligible
 setting (the last in grid order, which is ordered weakest → strongest). Writes a Markdown table
-and the choice to ``docs/calibration/probes-<probe>.md``.
+and the choice to ``docs/calibration/probes-<probe>.md``. ``--records <folder>`` instead judges the current
+defaults on finished records (no jobs run) and writes ``docs/calibration/probes-<probe>-check.md``.
 """
 from __future__ import annotations
 
@@ -123,24 +124,30 @@ def main() -> int:
     lines = [f"# Calibration of the `{a.probe}` probe (Shapes)", "",
              f"Command: `python scripts/calibrate_probes.py --probe {a.probe}" + (f" --grid {a.grid}" if a.grid else "")
              + (f" --records {a.records}" if a.records is not None else "")
-             + f" --methods {' '.join(a.methods)} --concepts {' '.join(a.concepts)} --threads {a.threads}`", "",
+             + f" --methods {' '.join(a.methods)} --concepts {' '.join(a.concepts)}"
+             + ("`" if a.records is not None else f" --threads {a.threads}`"), "",
              "Rule (fixed before the runs): θ (noop) must recover at the axis' first value on every concept, and the gold standard "
              "must not recover before the first third of the axis on any concept; the default is the strongest eligible setting.", "",
-             "Recovery point [95% CI] per method and concept (eval=quick forget prompts; detection ≥ 0.5), and the probe's own wall "
-             f"time ({a.threads} torch thread{'s' if a.threads > 1 else ''}, other jobs may have shared the machine).", ""]
+             "Recovery point [95% CI] per method and concept (eval=quick forget prompts, seed 0; detection ≥ 0.5), and the probe's own wall "
+             + (f"time ({a.threads} torch thread{'s' if a.threads > 1 else ''}, other jobs may have shared the machine)." if a.records is None
+                else "time as each record ran it (its `cost`; 1 or 2 torch threads, other jobs may have shared the machine)."), ""]
     heads = ["setting", *[f"{m} / {c}" for c in a.concepts for m in a.methods], "probe time (median)", "eligible"]
     lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for v, rows, ok, why in table:
         times = sorted(r["probe_seconds"] for r in rows)
         lines.append(f"| {key}={v} | " if key else "| defaults | ")
         lines[-1] += " | ".join(_fmt(r["recover"]) for r in rows) + f" | {times[len(times) // 2]:.0f} s | {'yes' if ok else 'no: ' + why} |"
-    verdict = (f"{key}={choice}" if key else "the defaults stand") if chosen else "none eligible: the weakest setting is kept and reported"
+    if a.records is not None:
+        verdict = "the defaults pass the rule" if chosen else f"the defaults fail the rule ({table[0][3]}); they are kept and the failure is reported"
+    else:
+        verdict = (f"{key}={choice}" if key else "the defaults stand") if chosen else "none eligible: the weakest setting is kept and reported"
     lines += ["", f"**Choice:** {verdict}.", "",
               "Detection curves (forget-prompt mean) along the axis:", ""]
     for v, rows, _, _ in table:
         for r in rows:
             lines.append(f"- {f'{key}={v} ' if key else ''}{r['method']}/{r['concept']}: " + ", ".join(f"{x:g}→{d:.2f}" for x, d in zip(r["axis"], r["curve"], strict=False) if d is not None))
-    out = ROOT / "docs" / "calibration" / f"probes-{a.probe}.md"
+    # a grid screen writes probes-<probe>.md; a check of the defaults on finished records writes beside it
+    out = ROOT / "docs" / "calibration" / (f"probes-{a.probe}.md" if a.records is None else f"probes-{a.probe}-check.md")
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
     return 0

@@ -1,0 +1,50 @@
+"""Every file the README, the configs and the code point a reader at exists.
+
+A calibration note cited in a YAML comment or a docstring is the only record of why a default is
+what it is; a dangling one reads as evidence that is not there."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# a repo path under docs/ or scripts/, not part of a longer path or URL; templated names
+# (probes-<probe>.md, calibrate_<method>.py, {name}) are followed by '<' or '{' and skipped
+REF = re.compile(r"(?<![\w/.-])((?:docs|scripts)/[A-Za-z0-9_./-]++)")
+# paths that are not this repository's: another project's file, named as such where it is cited
+ELSEWHERE = {"scripts/convert_original_stable_diffusion_to_diffusers.py"}  # diffusers' converter (methods/weights.py)
+
+
+def _sources() -> list[Path]:
+    files = [ROOT / "README.md", *sorted((ROOT / "conf").rglob("*.yaml"))]
+    for folder in ("bench", "methods", "leaderboard", "scripts"):
+        files += sorted(p for p in (ROOT / folder).rglob("*.py"))
+    files += sorted((ROOT / "docs").rglob("*.md"))
+    return [f for f in files if f.is_file()]
+
+
+def _refs(text: str) -> set[str]:
+    out = set()
+    for m in REF.finditer(text):
+        ref = m.group(1).rstrip(".-/")
+        if text[m.end():m.end() + 1] in ("<", "{") or text[max(0, m.start() - 7):m.start()].endswith(("--json ", "--out ")):
+            continue  # a template, or a file a documented command writes
+        if ref not in ELSEWHERE:
+            out.add(ref)
+    return out
+
+
+def test_every_docs_and_scripts_path_cited_exists():
+    missing = []
+    for src in _sources():
+        for ref in sorted(_refs(src.read_text(errors="replace"))):
+            base = src.parent if src.is_relative_to(ROOT / "docs") and not (ROOT / ref).exists() else ROOT
+            if not (ROOT / ref).exists() and not (base / ref).exists():
+                missing.append(f"{src.relative_to(ROOT)} cites {ref}")
+    assert not missing, "cited but missing:\n" + "\n".join(missing)
+
+
+def test_the_reference_pattern_skips_templates_and_catches_a_real_path():
+    text = ("see docs/calibration/probes-<probe>.md and scripts/calibrate_<method>.py; docs/calibration/nope.md. "
+            "Run it with --out docs/calibration/new.md")
+    assert _refs(text) == {"docs/calibration/nope.md"}
