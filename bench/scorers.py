@@ -2,7 +2,7 @@
 
 Each scorer declares, beside its code, which way is better, how a job-level value is formed from
 the prompts and what its interval resamples (``SCORERS``); ``leaderboard/schema.json`` is checked
-against these declarations (tests/test_scorers.py), so the page cannot rank a column the wrong way.
+against these declarations (tests/test_leaderboard.py::test_schema_is_complete_and_agrees_with_the_scorers), so the page cannot rank a column the wrong way.
 
 Per prompt, ``prompt_scores`` judges the plain generations (detection, erasure or retention,
 specificity, KID of λ_U to λ_O, the classifier's validation accuracy) and ``probe_scores`` judges

@@ -8,11 +8,12 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# a repo path under docs/ or scripts/, not part of a longer path or URL; templated names
-# (probes-<probe>.md, calibrate_<method>.py, {name}) are followed by '<' or '{' and skipped
-REF = re.compile(r"(?<![\w/.-])((?:docs|scripts)/[A-Za-z0-9_./-]++)")
+# a repo path (docs/, scripts/, conf/, the packages, tests/), not part of a longer path or URL; templated names
+# (probes-<probe>.md, calibrate_<method>.py, {name}) and globs (esd_*_shapes.yaml) stop at '<', '{' or '*' and are skipped
+REF = re.compile(r"(?<![\w/.-])((?:docs|scripts|conf|bench|methods|tests|leaderboard)/[A-Za-z0-9_./-]++)")
 # paths that are not this repository's: another project's file, named as such where it is cited
-ELSEWHERE = {"scripts/convert_original_stable_diffusion_to_diffusers.py"}  # diffusers' converter (methods/weights.py)
+ELSEWHERE = {"scripts/convert_original_stable_diffusion_to_diffusers.py",  # diffusers' converter (methods/weights.py)
+             "bench/probes/my_probe.py", "conf/probes/my_probe.yaml"}  # the README's "Add a probe" example, to be written
 
 
 def _sources() -> list[Path]:
@@ -27,14 +28,14 @@ def _refs(text: str) -> set[str]:
     out = set()
     for m in REF.finditer(text):
         ref = m.group(1).rstrip(".-/")
-        if text[m.end():m.end() + 1] in ("<", "{") or text[max(0, m.start() - 7):m.start()].endswith(("--json ", "--out ")):
-            continue  # a template, or a file a documented command writes
+        if text[m.end():m.end() + 1] in ("<", "{", "*") or text[max(0, m.start() - 7):m.start()].endswith(("--json ", "--out ")):
+            continue  # a template or glob, or a file a documented command writes
         if ref not in ELSEWHERE:
             out.add(ref)
     return out
 
 
-def test_every_docs_and_scripts_path_cited_exists():
+def test_every_repo_path_cited_exists():
     missing = []
     for src in _sources():
         for ref in sorted(_refs(src.read_text(errors="replace"))):
@@ -45,6 +46,6 @@ def test_every_docs_and_scripts_path_cited_exists():
 
 
 def test_the_reference_pattern_skips_templates_and_catches_a_real_path():
-    text = ("see docs/calibration/probes-<probe>.md and scripts/calibrate_<method>.py; docs/calibration/nope.md. "
+    text = ("see docs/calibration/probes-<probe>.md, conf/method_model/esd_*_shapes.yaml and scripts/calibrate_<method>.py; docs/calibration/nope.md. "
             "Run it with --out docs/calibration/new.md")
     assert _refs(text) == {"docs/calibration/nope.md"}
