@@ -108,6 +108,8 @@ def main() -> int:
     p.add_argument("--concepts", nargs="+", default=["star", "red"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--records", type=Path, default=None, help="judge the defaults from finished records under this folder instead of running jobs")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where the Markdown goes (default docs/calibration/probes-<probe>.md, or probes-<probe>-check.md with --records)")
     a = p.parse_args()
     if a.records is not None and a.grid:
         p.error("--records judges the current defaults only; it takes no --grid")
@@ -125,7 +127,7 @@ def main() -> int:
              f"Command: `python scripts/calibrate_probes.py --probe {a.probe}" + (f" --grid {a.grid}" if a.grid else "")
              + (f" --records {a.records}" if a.records is not None else "")
              + f" --methods {' '.join(a.methods)} --concepts {' '.join(a.concepts)}"
-             + ("`" if a.records is not None else f" --threads {a.threads}`"), "",
+             + ("" if a.records is not None else f" --threads {a.threads}") + (f" --out {a.out}" if a.out else "") + "`", "",
              "Rule (fixed before the runs): θ (noop) must recover at the axis' first value on every concept, and the gold standard "
              "must not recover before the first third of the axis on any concept; the default is the strongest eligible setting.", "",
              "Recovery point [95% CI] per method and concept (eval=quick forget prompts, seed 0; detection ≥ 0.5), and the probe's own wall "
@@ -147,7 +149,7 @@ def main() -> int:
         for r in rows:
             lines.append(f"- {f'{key}={v} ' if key else ''}{r['method']}/{r['concept']}: " + ", ".join(f"{x:g}→{d:.2f}" for x, d in zip(r["axis"], r["curve"], strict=False) if d is not None))
     # a grid screen writes probes-<probe>.md; a check of the defaults on finished records writes beside it
-    out = ROOT / "docs" / "calibration" / (f"probes-{a.probe}.md" if a.records is None else f"probes-{a.probe}-check.md")
+    out = a.out or ROOT / "docs" / "calibration" / (f"probes-{a.probe}.md" if a.records is None else f"probes-{a.probe}-check.md")
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
     return 0
