@@ -142,7 +142,7 @@ def main() -> int:
     if a.records is not None:
         verdict = "the defaults pass the rule" if chosen else f"the defaults fail the rule ({table[0][3]}); they are kept and the failure is reported"
     else:
-        verdict = (f"{key}={choice}" if key else "the defaults stand") if chosen else "none eligible: the weakest setting is kept and reported"
+        verdict = (f"{key}={choice}" if key else "the defaults stand") if chosen else "none eligible: no setting on this grid passes the rule; this screen changes no default, and the failure is reported"
     lines += ["", f"**Choice:** {verdict}.", "",
               "Detection curves (forget-prompt mean) along the axis:", ""]
     for v, rows, _, _ in table:
