@@ -35,3 +35,13 @@ def world_ready() -> bool:
 
 
 needs_world = pytest.mark.skipif(not world_ready(), reason="the Shapes world is not built (run `make world`)")
+
+
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

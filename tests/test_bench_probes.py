@@ -1,16 +1,12 @@
 """scripts/bench_probes.py: timings come from current-schema records only, per method and probe set."""
-import importlib.util
 import json
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_probes.py"
+from tests.conftest import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_probes", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_probes")
 
 
 def _record(folder: Path, name: str, method: str, schema: int, total: float, unlearn: float, probes: dict) -> None:

@@ -1,8 +1,9 @@
 """scripts/calibrate_method.py: a screen row is reused only while its hyperparameters match."""
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_script
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -10,10 +11,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 @pytest.fixture
 def cm(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPTS))  # the script imports its sibling calibration_common
-    spec = importlib.util.spec_from_file_location("calibrate_method", SCRIPTS / "calibrate_method.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("calibrate_method")
 
 
 def test_matching_row_is_reused(cm):

@@ -1,20 +1,18 @@
 """scripts/calibrate_probes.py: the rule a probe's Shapes settings are held to, and its check on the published records."""
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def cp():
-    spec = importlib.util.spec_from_file_location("calibrate_probes", ROOT / "scripts" / "calibrate_probes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("calibrate_probes")
 
 
 def _row(method, concept, recover, axis=(0, 100, 200, 300)):

@@ -1,19 +1,16 @@
 """scripts/interval_budget.py: where the gold's recovery interval comes from (prompts vs seeds)."""
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "interval_budget.py"
+from tests.conftest import load_script
+
 XS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("interval_budget", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("interval_budget")
 
 
 def _curve(at: int) -> list[float]:
