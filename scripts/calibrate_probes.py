@@ -46,7 +46,21 @@ def row_of(path: Path, probe: str) -> dict:
     block = rec["probes"][probe]
     return {"method": rec["method"]["name"], "concept": rec["concept"]["name"], "value": None,
             "probe_seconds": block["cost"]["seconds"], "recover": block["metrics"]["recover"], "axis": block["axis"]["values"],
-            "curve": [pt.get("detection") for pt in block["curve"]], "erasure": rec["metrics"]["erasure"]["value"], "record": str(path)}
+            "curve": [pt.get("detection") for pt in block["curve"]], "erasure": rec["metrics"]["erasure"]["value"], "record": str(path),
+            "metrics": rec["metrics"], "block": block}
+
+
+def judge(rows: list[dict], probe: str) -> None:
+    """Give each method row (not noop, not retrain) the leaderboard's verdict at this setting, against the
+    gold row of its concept in the same screen (``bench.verdict.judge_forget``, the thresholds in
+    leaderboard/schema.json): what a setting would change on the board, not only on the references.
+    Judged at once, because the next setting's job writes over the same record."""
+    from bench.verdict import judge_forget, thresholds
+
+    th, gold = thresholds(), {r["concept"]: r for r in rows if r["method"] == "retrain"}
+    for r in rows:
+        if r["method"] not in ("noop", "retrain") and r["concept"] in gold:
+            r["verdict"] = judge_forget(r["metrics"], r["block"], gold[r["concept"]]["block"], probe, th)
 
 
 def default_settings(probe: str) -> dict:
@@ -88,6 +102,13 @@ def _fmt(m: dict) -> str:
     return f"{v:.3g} [{lo}, {hi}]"
 
 
+def _cell(r: dict) -> str:
+    v = r.get("verdict")
+    if v is None:
+        return _fmt(r["recover"])
+    return _fmt(r["recover"]) + f" — {v.key.replace('_', ' ')}" + ("" if v.probability is None else f" ({v.probability:.2f})")
+
+
 def eligible(rows: list[dict]) -> tuple[bool, str]:
     why = []
     for r in rows:
@@ -119,6 +140,7 @@ def main() -> int:
         rows = (from_records(a.records, a.probe, a.methods, a.concepts) if a.records is not None
                 else [run_job(m, c, a.probe, key, v, a.threads) for c in a.concepts for m in a.methods])
         ok, why = eligible(rows)
+        judge(rows, a.probe)
         table.append((v, rows, ok, why))
         print(f"{f'{key}={v}' if key else 'defaults'}: {why}", file=sys.stderr)
         if ok:
@@ -130,7 +152,8 @@ def main() -> int:
              + ("" if a.records is not None else f" --threads {a.threads}") + (f" --out {a.out}" if a.out else "") + "`", "",
              "Rule (fixed before the runs): θ (noop) must recover at the axis' first value on every concept, and the gold standard "
              "must not recover before the first third of the axis on any concept; the default is the strongest eligible setting.", "",
-             "Recovery point [95% CI] per method and concept (eval=quick forget prompts, seed 0; detection ≥ 0.5), and the probe's own wall "
+             "Recovery point [95% CI] per method and concept (eval=quick forget prompts, seed 0; detection ≥ 0.5) — for a method row "
+             "with its concept's gold in the screen, then the leaderboard's verdict at that setting and its probability — and the probe's own wall "
              + (f"time ({a.threads} torch thread{'s' if a.threads > 1 else ''}, other jobs may have shared the machine)." if a.records is None
                 else "time as each record ran it (its `cost`; 1 or 2 torch threads, other jobs may have shared the machine)."), ""]
     heads = ["setting", *[f"{m} / {c}" for c in a.concepts for m in a.methods], "probe time (median)", "eligible"]
@@ -138,7 +161,7 @@ def main() -> int:
     for v, rows, ok, why in table:
         times = sorted(r["probe_seconds"] for r in rows)
         lines.append(f"| {key}={v} | " if key else "| defaults | ")
-        lines[-1] += " | ".join(_fmt(r["recover"]) for r in rows) + f" | {times[len(times) // 2]:.0f} s | {'yes' if ok else 'no: ' + why} |"
+        lines[-1] += " | ".join(_cell(r) for r in rows) + f" | {times[len(times) // 2]:.0f} s | {'yes' if ok else 'no: ' + why} |"
     if a.records is not None:
         verdict = "the defaults pass the rule" if chosen else f"the defaults fail the rule ({table[0][3]}); they are kept and the failure is reported"
     else:
