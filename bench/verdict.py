@@ -53,6 +53,17 @@ class Verdict:
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "probability": self.probability, "detail": self.detail}
 
+    def brief(self) -> str:
+        """One table cell: the label, for *inconclusive* the gate that did not decide, and the probability —
+        ``inconclusive on specificity (0.09)``, ``removed (1.00)``."""
+        text = SHORT_LABELS.get(self.key, self.key)
+        if self.key == "inconclusive":
+            text += " on " + next((w for w in ("erasure", "specificity") if self.detail.startswith(w)), "recovery")
+        return text if self.probability is None else f"{text} ({format_p(self.probability)})"
+
+
+SHORT_LABELS = {"not_erased": "not erased", "no_gold": "no gold"}  # verdict keys as a table prints them
+
 
 def thresholds(schema: dict | None = None) -> dict[str, Any]:
     """The ``verdict`` block of the schema, checked: every probability and gate in [0, 1]."""

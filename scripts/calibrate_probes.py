@@ -103,10 +103,13 @@ def _fmt(m: dict) -> str:
 
 
 def _cell(r: dict) -> str:
+    """The recovery point; for "never", the share of bootstrap replicates that do recover on the axis (what keeps
+    a censored gold from supporting "removed"); then the verdict, for a judged method row."""
+    cell, reps = _fmt(r["recover"]), r["recover"].get("replicates")
+    if r["recover"].get("value") is None and reps:
+        cell += f" ({sum(x is not None for x in reps) / len(reps):.1%} of replicates recover)"
     v = r.get("verdict")
-    if v is None:
-        return _fmt(r["recover"])
-    return _fmt(r["recover"]) + f" — {v.key.replace('_', ' ')}" + ("" if v.probability is None else f" ({v.probability:.2f})")
+    return cell if v is None else f"{cell} — {v.brief()}"
 
 
 def eligible(rows: list[dict]) -> tuple[bool, str]:
@@ -156,12 +159,14 @@ def main() -> int:
              "with its concept's gold in the screen, then the leaderboard's verdict at that setting and its probability — and the probe's own wall "
              + (f"time ({a.threads} torch thread{'s' if a.threads > 1 else ''}, other jobs may have shared the machine)." if a.records is None
                 else "time as each record ran it (its `cost`; 1 or 2 torch threads, other jobs may have shared the machine)."), ""]
-    heads = ["setting", *[f"{m} / {c}" for c in a.concepts for m in a.methods], "probe time (median)", "eligible"]
+    heads = ["setting", *[f"{m} / {c}" for c in a.concepts for m in a.methods], "probe time (median of rows run, not reused)", "eligible"]
     lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for v, rows, ok, why in table:
-        times = sorted(r["probe_seconds"] for r in rows)
+        # a re-run that reuses a finished probe stage records ~0 s for it: such rows say nothing about the probe's cost
+        times = sorted(r["probe_seconds"] for r in rows if (r["probe_seconds"] or 0) >= 1)
+        took = f"{times[len(times) // 2]:.0f} s" if times else "— (stages reused)"
         lines.append(f"| {key}={v} | " if key else "| defaults | ")
-        lines[-1] += " | ".join(_cell(r) for r in rows) + f" | {times[len(times) // 2]:.0f} s | {'yes' if ok else 'no: ' + why} |"
+        lines[-1] += " | ".join(_cell(r) for r in rows) + f" | {took} | {'yes' if ok else 'no: ' + why} |"
     if a.records is not None:
         verdict = "the defaults pass the rule" if chosen else f"the defaults fail the rule ({table[0][3]}); they are kept and the failure is reported"
     else:

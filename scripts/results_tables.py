@@ -28,9 +28,6 @@ from bench import verdict as V  # noqa: E402
 
 METHODS = ("noop", "retrain", "esd_x", "esd_u", "uce", "fmn", "ca_model", "ca_noise", "sdd", "salun", "mace", "spm",
            "rece", "advunlearn", "stereo", "receler")
-SHORT = {"not_erased": "not erased", "no_gold": "no gold"}
-
-
 def load(folder: Path) -> list[dict]:
     """Schema-2 records (one block per probe); the first wave's schema-1 records have no probes and
     are ranked apart on the page, so they are left out here."""
@@ -62,13 +59,6 @@ def judge(rec: dict, gold: dict | None, probe: str, th: dict) -> V.Verdict:
     if gblock is not None and gblock["protocol"]["hash"] != block["protocol"]["hash"]:
         gblock = None
     return V.judge_forget(rec["metrics"], block, gblock, probe, th)
-
-
-def vtext(v: V.Verdict) -> str:
-    key = SHORT.get(v.key, v.key)
-    if v.key == "inconclusive":  # say which gate did not decide
-        key += " on " + next((w for w in ("erasure", "specificity") if v.detail.startswith(w)), "recovery")
-    return f"{key} ({V.format_p(v.probability)})" if v.probability is not None else key
 
 
 def main() -> int:
@@ -113,7 +103,7 @@ def main() -> int:
     out += ["", "#### Verdict per probe (its probability)", "",
             "| concept | method | " + " | ".join(display[p] for p in probes) + " |", "|---|---|" + "---|" * len(probes)]
     for (c, m), vs in verdicts.items():
-        out.append(f"| {c} | {m} | " + " | ".join(vtext(vs[p]) if p in vs else "–" for p in probes) + " |")
+        out.append(f"| {c} | {m} | " + " | ".join(vs[p].brief() if p in vs else "–" for p in probes) + " |")
     out += ["", "#### Which probe exposes each concealing row", "",
             f"Probes in order of their median wall time per job: {', '.join(display[p] for p in cheap)}.", "",
             "| concept | method | cheapest probe that exposes it | every probe that does | probes run |", "|---|---|---|---|---|"]
@@ -143,7 +133,7 @@ def main() -> int:
                     vs = [judge(r, by.get((c, "retrain", r["seed"])), p, th) for r in rs]
                     recs_ = [f"{r['seed']}: " + fmt_recover(r["probes"][p]["metrics"].get("recover")) for r in rs]
                     agree = "yes" if len({v.key for v in vs}) == 1 else "no → inconclusive"
-                    out.append(f"| {c} | {m} | {display[p]} | {' · '.join(recs_)} | {' · '.join(vtext(v) for v in vs)} | {agree} |")
+                    out.append(f"| {c} | {m} | {display[p]} | {' · '.join(recs_)} | {' · '.join(v.brief() for v in vs)} | {agree} |")
         out += cross_seed_gold(by, concepts, seeds, probes, display, th)
     print("\n".join(out))
     return 0
@@ -156,7 +146,7 @@ def method_summary(verdicts: dict[tuple[str, str], dict[str, V.Verdict]], probes
     """Per method, across concepts and probes: how many (concept, probe) cells read each verdict."""
     out = ["", "#### Per method, across concepts and probes", "",
            "Each cell counts (concept, probe) verdicts of the seed above; \"cells\" = concepts × probes run.", "",
-           "| method | concepts | cells | " + " | ".join(SHORT.get(k, k) for k in SUMMARY_KEYS) + " | other |",
+           "| method | concepts | cells | " + " | ".join(V.SHORT_LABELS.get(k, k) for k in SUMMARY_KEYS) + " | other |",
            "|---|---|---|" + "---|" * (len(SUMMARY_KEYS) + 1)]
     for m in dict.fromkeys(m for _, m in verdicts):
         cells = [v for (c, mm), vs in verdicts.items() if mm == m for p, v in vs.items() if p in probes]
@@ -177,7 +167,7 @@ def cross_seed_gold(by: dict, concepts: list[str], seeds: list[int], probes: lis
     for c in concepts:
         golds = {s: by.get((c, "retrain", s)) for s in seeds}
         for p in probes:
-            cells = [f"{s} vs {t}: {vtext(judge(golds[s], golds[t], p, th))}" for s in seeds for t in seeds
+            cells = [f"{s} vs {t}: {judge(golds[s], golds[t], p, th).brief()}" for s in seeds for t in seeds
                      if s != t and golds[s] and golds[t] and p in golds[s]["probes"] and p in golds[t]["probes"]]
             if cells:
                 out.append(f"| {c} | {display[p]} | {' · '.join(cells)} |")

@@ -54,4 +54,6 @@ def test_a_screen_judges_method_rows_against_their_concepts_gold_by_the_board_ru
     assert by[("rece", "star")].key == "removed" and by[("rece", "star")].probability == 1.0
     assert by[("mace", "star")].key == "concealed"  # back at 10 iterations where the gold never is
     assert by[("uce", "blue")] is None and by[("noop", "star")] is None and by[("retrain", "star")] is None  # no gold / references
-    assert cp._cell(rows[1]) == "never — removed (1.00)" and cp._cell(rows[0]) == "never"
+    assert cp._cell(rows[1]) == "never — removed (1.00)" and cp._cell(rows[0]) == "never"  # no replicate recovers: no share
+    rows[1]["recover"]["replicates"] = [None] * 19 + [150.0]
+    assert cp._cell(rows[1]) == "never (5.0% of replicates recover) — removed (1.00)"
