@@ -28,6 +28,8 @@ from bench import verdict as V  # noqa: E402
 
 METHODS = ("noop", "retrain", "esd_x", "esd_u", "uce", "fmn", "ca_model", "ca_noise", "sdd", "salun", "mace", "spm",
            "rece", "advunlearn", "stereo", "receler")
+
+
 def load(folder: Path) -> list[dict]:
     """Schema-2 records (one block per probe); the first wave's schema-1 records have no probes and
     are ranked apart on the page, so they are left out here."""
