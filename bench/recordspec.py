@@ -77,6 +77,14 @@ class Record(TypedDict, total=False):
     artifacts: dict[str, str]
 
 
+def timed_whole(record: dict, probe: str | None = None) -> bool:
+    """Whether a record's wall time measures the work it names: ``probe``'s own seconds (its ``prepare`` and
+    every prompt run in this job), or with ``probe=None`` the whole job. A resumed job reused finished stages
+    (``resumed``: stage → files reused) and timed only what was left, so its times are not costs."""
+    resumed = record.get("resumed") or {}
+    return not resumed if probe is None else probe not in resumed and f"{probe} prepare" not in resumed
+
+
 def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 

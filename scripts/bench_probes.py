@@ -8,7 +8,8 @@
 per job the wall time without the method's own unlearning, then the same per method and probe set
 (the issues' "quick job's wall time per method"); only records of the current record schema made with
 ``--threads`` torch threads count (``env.threads``; default 2) — a first-wave record ran another
-protocol, so its times would mix two jobs of different size. ``--run`` runs ``python -m bench … probes=all``
+protocol, so its times would mix two jobs of different size. A resumed job (``resumed`` in its record) timed only the stages it ran:
+its reused probes and its total are left out. ``--run`` runs ``python -m bench … probes=all``
 in a fresh output and cache folder each time (nothing reused: θ's λ_O and ψ-prefixes are computed
 too) and summarises those records. Timings mean something only with nothing else on the machine.
 Prints a Markdown table; ``--json`` also writes the numbers.
@@ -26,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.recordspec import SCHEMA_VERSION  # noqa: E402  (torch-free)
+from bench.recordspec import SCHEMA_VERSION, timed_whole  # noqa: E402  (torch-free)
 
 GOAL_PROBE_S, GOAL_JOB_S = 120.0, 180.0  # the issues' goals at eval=quick on 2 cores
 
@@ -51,10 +52,10 @@ def summarise(records: list[dict]) -> dict:
         c = r.get("cost") or {}
         ran = c.get("probes") or {}
         for name, b in ran.items():
-            if b.get("seconds") is not None:
+            if b.get("seconds") is not None and timed_whole(r, name):
                 probes.setdefault(name, []).append(float(b["seconds"]))
         total = c.get("total_seconds")
-        if total is not None:
+        if total is not None and timed_whole(r):
             unlearn = float((c.get("unlearn") or {}).get("seconds") or 0.0)
             job = float(total) - unlearn
             jobs.append(job)

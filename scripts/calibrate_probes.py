@@ -26,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "calibration"
+sys.path.insert(0, str(ROOT))
+from bench.recordspec import timed_whole  # noqa: E402  (torch-free)
 
 
 def run_job(method: str, concept: str, probe: str, key: str | None, value: str | None, threads: int) -> dict:
@@ -45,7 +47,7 @@ def row_of(path: Path, probe: str) -> dict:
     rec = json.loads(path.read_text())
     block = rec["probes"][probe]
     return {"method": rec["method"]["name"], "concept": rec["concept"]["name"], "value": None,
-            "probe_seconds": block["cost"]["seconds"], "recover": block["metrics"]["recover"], "axis": block["axis"]["values"],
+            "probe_seconds": block["cost"]["seconds"] if timed_whole(rec, probe) else None, "recover": block["metrics"]["recover"], "axis": block["axis"]["values"],
             "curve": [pt.get("detection") for pt in block["curve"]], "erasure": rec["metrics"]["erasure"]["value"], "record": str(path),
             "metrics": rec["metrics"], "block": block}
 
@@ -162,8 +164,7 @@ def main() -> int:
     heads = ["setting", *[f"{m} / {c}" for c in a.concepts for m in a.methods], "probe time (median of rows run, not reused)", "eligible"]
     lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for v, rows, ok, why in table:
-        # a re-run that reuses a finished probe stage records ~0 s for it: such rows say nothing about the probe's cost
-        times = sorted(r["probe_seconds"] for r in rows if (r["probe_seconds"] or 0) >= 1)
+        times = sorted(r["probe_seconds"] for r in rows if r["probe_seconds"] is not None)
         took = f"{times[len(times) // 2]:.0f} s" if times else "— (stages reused)"
         lines.append(f"| {key}={v} | " if key else "| defaults | ")
         lines[-1] += " | ".join(_cell(r) for r in rows) + f" | {took} | {'yes' if ok else 'no: ' + why} |"

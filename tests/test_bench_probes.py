@@ -9,9 +9,10 @@ def _load():
     return load_script("bench_probes")
 
 
-def _record(folder: Path, name: str, method: str, schema: int, total: float, unlearn: float, probes: dict) -> None:
+def _record(folder: Path, name: str, method: str, schema: int, total: float, unlearn: float, probes: dict,
+            resumed: dict | None = None) -> None:
     (folder / name).mkdir(parents=True)
-    r = {"schema_version": schema, "method": {"name": method}, "env": {"threads": 2},
+    r = {"schema_version": schema, "method": {"name": method}, "env": {"threads": 2}, "resumed": resumed or {},
          "cost": {"total_seconds": total, "unlearn": {"seconds": unlearn},
                   "probes": {k: {"seconds": v} for k, v in probes.items()}}}
     (folder / name / "record.json").write_text(json.dumps(r))
@@ -30,3 +31,16 @@ def test_first_wave_records_are_left_out_and_jobs_grouped_by_method_and_probes(t
     assert pd["unlearn"]["median"] == 50.0
     assert s["per_method"]["uce | all"]["job_without_unlearn"]["median"] == 900.0
     assert "| uce | partial_diffusion | 2 | 350 |" in bp.table(s, "test")
+
+
+def test_a_resumed_job_times_only_the_stages_it_ran(tmp_path):
+    # a probe added to a finished job: partial diffusion was reused (its 0.4 s is no cost), inversion ran; the job's
+    # total is part of a job, so it is not a job time either
+    bp = _load()
+    _record(tmp_path, "a", "uce", bp.SCHEMA_VERSION, 300.0, 0.0, {"partial_diffusion": 150.0})
+    _record(tmp_path, "b", "uce", bp.SCHEMA_VERSION, 60.0, 0.0, {"partial_diffusion": 0.4, "inversion": 50.0},
+            resumed={"partial_diffusion prepare": 1, "partial_diffusion": 12, "λ_U": 12})
+    s = bp.summarise(bp._records(tmp_path, 2))
+    assert s["probes"]["partial_diffusion"] == {"n": 1, "median": 150.0, "min": 150.0, "max": 150.0}
+    assert s["probes"]["inversion"]["n"] == 1 and s["probes"]["inversion"]["median"] == 50.0
+    assert s["job_without_unlearn"]["n"] == 1 and "uce | all" not in s["per_method"]
