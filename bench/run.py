@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench import scorers as S
 from bench.cache import Cache, load_entry, save_entry
 from bench.config import validate
+from bench.cpuload import OtherLoad
 from bench.hparams import ConfigError, file_fingerprints, takes_context
 from bench.pipeline import (
     TEXT_ENCODER_PREFIX,
@@ -416,21 +417,22 @@ def find_gold(out_dir: Path, model: str, concept: str, seed: int, probe: str, pr
 
 # ---------------------------------------------------------------------------- job → record
 
-def _probe_block(job: Job, probe, ctx, rows: list[dict], prep_meta: dict, seconds: float) -> dict:
+def _probe_block(job: Job, probe, ctx, rows: list[dict], prep_meta: dict, seconds: float, load: dict) -> dict:
     axis = probe.axis(ctx).to_dict()
     forget, fcurve = S.aggregate(rows, "forget", job.seed, axis["values"])
     retain, _ = S.aggregate(rows, "retain", job.seed, axis["values"])
     cost = {"seconds": seconds + float(prep_meta.get("seconds") or 0.0),
             "prepare_seconds": prep_meta.get("seconds"), "prepare_nfe": prep_meta.get("nfe"),
             "nfe": int(sum(r["cost"].get("nfe") or 0 for r in rows) + int(prep_meta.get("nfe") or 0)),
-            "nfe_shared": int(sum(r["cost"].get("nfe_shared") or 0 for r in rows))}
+            "nfe_shared": int(sum(r["cost"].get("nfe_shared") or 0 for r in rows)), **load}
     return {"protocol": job.probe_protocols[probe.name], "display": probe.display or probe.name, "reference": probe.reference,
             "classes": list(probe.classes), "axis": axis, "metrics": forget, "retain": retain, "curve": fcurve, "cost": cost,
             "state": {k: v for k, v in prep_meta.items() if k not in ("seconds", "nfe")}}
 
 
-def _run_stages(job: Job, t0: float) -> dict:
-    """Every stage of a job (each resumable) and the record it ends with."""
+def _run_stages(job: Job, t0: float, machine: OtherLoad) -> dict:
+    """Every stage of a job (each resumable) and the record it ends with. ``machine`` has measured the rest
+    of the machine's CPU use since the job started; each probe measures its own stretch the same way."""
     report = job.stage_unlearn()
     prompts = job.prompts()
     rows, refs = [], {}
@@ -442,6 +444,7 @@ def _run_stages(job: Job, t0: float) -> dict:
     ctx = job.probe_context() if job.probes else None
     blocks, per_prompt_probes, golds = {}, {i: {} for i in range(len(prompts))}, {}
     for probe in job.probes:
+        probe_machine = OtherLoad()
         state = job.stage_probe_prepare(probe, ctx)
         t = time.time()
         prows = []
@@ -452,7 +455,7 @@ def _run_stages(job: Job, t0: float) -> dict:
             r = job.stage_probe_prompt(probe, ctx, state, i, prompt, cls, refs[i])
             prows.append(r)
             per_prompt_probes[i][probe.name] = {"metrics": r["metrics"], "curve": r["curve"], **({"data": r["data"]} if r.get("data") else {})}
-        block = _probe_block(job, probe, ctx, prows, state[1], time.time() - t)
+        block = _probe_block(job, probe, ctx, prows, state[1], time.time() - t, probe_machine.stop())
         gold = job.gold(probe.name, block["protocol"]["hash"])
         if gold is not None:
             g = gold["record"]
@@ -477,6 +480,7 @@ def _run_stages(job: Job, t0: float) -> dict:
         "shared": {"nfe": nfe_o + sum(b["cost"]["nfe_shared"] for b in blocks.values()),
                    "what": "λ_O and θ-prefix snapshots: computed once per prompt and shared through the cache by every method"},
         "total_seconds": time.time() - t0,
+        **machine.stop(),  # others_cpus, cpus: whether the times above ran alone (bench/cpuload.py)
         "total_nfe": int(nfe_u + probe_nfe + int(report.get("nfe") or 0)),
         "peak_memory_mb": _peak_memory_mb(),
         "params_changed": report.get("params_changed"),
@@ -545,7 +549,7 @@ def execute(cfg: DictConfig) -> int:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     _warn_if_busy(cfg)
-    t0 = time.time()
+    t0, machine = time.time(), OtherLoad()
     job = None
     try:
         job = Job(cfg, v["fn"], v["params"], v["probes"])
@@ -584,7 +588,7 @@ def execute(cfg: DictConfig) -> int:
     }
     outcome = "failed"
     try:
-        record = {**base, **_run_stages(job, t0), "wandb": tracker.url}
+        record = {**base, **_run_stages(job, t0, machine), "wandb": tracker.url}
         # What ran, in the method's own words (ESD's parameter set, UCE's key rule, FMN's trained part, …).
         record["method"]["variant"] = record["unlearn"].get("variant") or job.params.get("variant")
         record["method"]["changed"] = record["unlearn"].get("changed_components")  # tensors per component: {unet, text_encoder}

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import verdict as V
+from bench.cpuload import busy
 
 
 def _num(m: dict | None, digits: int = 2) -> str:
@@ -81,7 +82,10 @@ def summary_lines(record: dict, rec_path: Path, golds: dict[str, dict | None]) -
         lines.append("  resumed: reused " + ", ".join(f"{k} ×{n}" for k, n in record["resumed"].items()))
     cost = record.get("cost") or {}
     if cost.get("total_seconds") is not None:
-        lines.append(f"  took {cost['total_seconds']:.0f} s (method {float((cost.get('unlearn') or {}).get('seconds') or 0):.0f} s)")
+        took = f"  took {cost['total_seconds']:.0f} s (method {float((cost.get('unlearn') or {}).get('seconds') or 0):.0f} s)"
+        if busy(cost, (record.get("env") or {}).get("threads")):
+            took += f" — beside other work ({cost['others_cpus']:.1f} of {cost['cpus']} CPUs busy with other processes): not a cost to quote"
+        lines.append(took)
     lines.append(f"  record:  {rec_path}")
     figs = [str(rec_path.parent / f) for k, f in sorted((record.get("artifacts") or {}).items()) if k.startswith("curve_")]
     if figs:

@@ -358,6 +358,8 @@ def _cost(cost: Any) -> list[tuple[str, str, str]]:
     for key in ("peak_memory_mb", "params_changed"):
         if _number(cost.get(key)):
             rows.append((key, f"{cost[key]:g}", ""))
+    if _number(cost.get("others_cpus")):  # whether the seconds above were measured alone (bench/cpuload.py)
+        rows.append((f"CPUs other processes kept busy meanwhile (of {cost.get('cpus', '?')})", f"{cost['others_cpus']:g}", ""))
     return rows
 
 

@@ -9,7 +9,10 @@ per job the wall time without the method's own unlearning, then the same per met
 (the issues' "quick job's wall time per method"); only records of the current record schema made with
 ``--threads`` torch threads count (``env.threads``; default 2) — a first-wave record ran another
 protocol, so its times would mix two jobs of different size. A resumed job (``resumed`` in its record) timed only the stages it ran:
-its reused probes and its total are left out. ``--run`` runs ``python -m bench … probes=all``
+its reused probes and its total are left out. A time measured beside other work (``others_cpus`` in the
+record's ``cost`` and each probe's: CPUs that other processes kept busy meanwhile, ``bench/cpuload.py``)
+is left out too and counted as "beside other work"; records older than that measurement cannot say,
+are kept, and are counted as "load not measured". ``--run`` runs ``python -m bench … probes=all``
 in a fresh output and cache folder each time (nothing reused: θ's λ_O and ψ-prefixes are computed
 too) and summarises those records. Timings mean something only with nothing else on the machine.
 Prints a Markdown table; ``--json`` also writes the numbers.
@@ -27,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.cpuload import busy  # noqa: E402  (torch-free)
 from bench.recordspec import SCHEMA_VERSION, timed_whole  # noqa: E402  (torch-free)
 
 GOAL_PROBE_S, GOAL_JOB_S = 120.0, 180.0  # the issues' goals at eval=quick on 2 cores
@@ -48,14 +52,24 @@ def summarise(records: list[dict]) -> dict:
     probes: dict[str, list[float]] = {}
     jobs = []
     per_method: dict[str, dict[str, list[float]]] = {}
+    load = {"beside other work": 0, "load not measured": 0}  # timings (probe or job) of each kind
+
+    def alone(r: dict, block: dict) -> bool:
+        b = busy(block, (r.get("env") or {}).get("threads"))
+        if b is not None:
+            load["beside other work"] += b
+        else:
+            load["load not measured"] += 1
+        return not b
+
     for r in records:
         c = r.get("cost") or {}
         ran = c.get("probes") or {}
         for name, b in ran.items():
-            if b.get("seconds") is not None and timed_whole(r, name):
+            if b.get("seconds") is not None and timed_whole(r, name) and alone(r, b):
                 probes.setdefault(name, []).append(float(b["seconds"]))
         total = c.get("total_seconds")
-        if total is not None and timed_whole(r):
+        if total is not None and timed_whole(r) and alone(r, c):
             unlearn = float((c.get("unlearn") or {}).get("seconds") or 0.0)
             job = float(total) - unlearn
             jobs.append(job)
@@ -67,13 +81,16 @@ def summarise(records: list[dict]) -> dict:
     def stats(xs: list[float]) -> dict:
         return {"n": len(xs), "median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else {"n": 0}
 
-    return {"probes": {k: stats(v) for k, v in probes.items()}, "job_without_unlearn": stats(jobs),
+    return {"probes": {k: stats(v) for k, v in probes.items()}, "job_without_unlearn": stats(jobs), "load": load,
             "per_method": {k: {"job_without_unlearn": stats(v["job"]), "unlearn": stats(v["unlearn"])}
                            for k, v in sorted(per_method.items())}}
 
 
 def table(s: dict, where: str) -> str:
-    lines = [f"Wall seconds ({where}); goal ≤ {GOAL_PROBE_S:.0f} s per probe, ≤ {GOAL_JOB_S:.0f} s per job without unlearning.", "",
+    left = s.get("load") or {}
+    lines = [f"Wall seconds ({where}); goal ≤ {GOAL_PROBE_S:.0f} s per probe, ≤ {GOAL_JOB_S:.0f} s per job without unlearning.",
+             f"Timings left out as run beside other work: {left.get('beside other work', 0)}; "
+             f"kept without a load measurement (older records): {left.get('load not measured', 0)}.", "",
              "| stage | jobs | median | min | max | goal met (median) |", "|---|---|---|---|---|---|"]
     rows = [*s["probes"].items(), ("job without unlearning", s["job_without_unlearn"])]
     for name, st in rows:

@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "calibration"
 sys.path.insert(0, str(ROOT))
+from bench.cpuload import busy  # noqa: E402  (torch-free)
 from bench.recordspec import timed_whole  # noqa: E402  (torch-free)
 
 
@@ -47,7 +48,7 @@ def row_of(path: Path, probe: str) -> dict:
     rec = json.loads(path.read_text())
     block = rec["probes"][probe]
     return {"method": rec["method"]["name"], "concept": rec["concept"]["name"], "value": None,
-            "probe_seconds": block["cost"]["seconds"] if timed_whole(rec, probe) else None, "recover": block["metrics"]["recover"], "axis": block["axis"]["values"],
+            "probe_seconds": block["cost"]["seconds"] if timed_whole(rec, probe) and not busy(block["cost"], (rec.get("env") or {}).get("threads")) else None, "recover": block["metrics"]["recover"], "axis": block["axis"]["values"],
             "curve": [pt.get("detection") for pt in block["curve"]], "erasure": rec["metrics"]["erasure"]["value"], "record": str(path),
             "metrics": rec["metrics"], "block": block}
 
@@ -159,13 +160,13 @@ def main() -> int:
              "must not recover before the first third of the axis on any concept; the default is the strongest eligible setting.", "",
              "Recovery point [95% CI] per method and concept (eval=quick forget prompts, seed 0; detection ≥ 0.5) — for a method row "
              "with its concept's gold in the screen, then the leaderboard's verdict at that setting and its probability — and the probe's own wall "
-             + (f"time ({a.threads} torch thread{'s' if a.threads > 1 else ''}, other jobs may have shared the machine)." if a.records is None
-                else "time as each record ran it (its `cost`; 1 or 2 torch threads, other jobs may have shared the machine)."), ""]
+             + (f"time ({a.threads} torch thread{'s' if a.threads > 1 else ''}, a time measured beside other work is left out; records older than that measurement cannot say)." if a.records is None
+                else "time as each record ran it (its `cost`; 1 or 2 torch threads; a time measured beside other work is left out, records older than that measurement cannot say)."), ""]
     heads = ["setting", *[f"{m} / {c}" for c in a.concepts for m in a.methods], "probe time (median of rows run, not reused)", "eligible"]
     lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for v, rows, ok, why in table:
         times = sorted(r["probe_seconds"] for r in rows if r["probe_seconds"] is not None)
-        took = f"{times[len(times) // 2]:.0f} s" if times else "— (stages reused)"
+        took = f"{times[len(times) // 2]:.0f} s" if times else "— (stages reused, or run beside other work)"
         lines.append(f"| {key}={v} | " if key else "| defaults | ")
         lines[-1] += " | ".join(_cell(r) for r in rows) + f" | {took} | {'yes' if ok else 'no: ' + why} |"
     if a.records is not None:

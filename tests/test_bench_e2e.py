@@ -62,6 +62,9 @@ def test_noop_smoke_record_and_rerun_is_skipped(tmp_path, capsys):
     for f in ("delta.safetensors", "curve_partial_diffusion.png", "grid_lambda_o.png", "grid_lambda_u.png", "grid_partial_diffusion.png"):
         assert (run_dir / f).exists(), f
     assert rec["cost"]["total_nfe"] > 0 and rec["cost"]["params_changed"] == 0
+    # whether its times ran alone: CPUs other work took meanwhile, for the job and for each probe (bench/cpuload.py)
+    if Path("/proc/stat").exists():
+        assert rec["cost"]["cpus"] >= 1 and rec["cost"]["others_cpus"] >= 0 and pd["cost"]["others_cpus"] >= 0
     # what ran it: a trained method's numbers are bit-exact only on the same library versions and CPU ISA
     import torch
     assert rec["env"]["cpu_isa"] == torch.backends.cpu.get_cpu_capability() and rec["env"]["torch"] == torch.__version__

@@ -10,11 +10,13 @@ def _load():
 
 
 def _record(folder: Path, name: str, method: str, schema: int, total: float, unlearn: float, probes: dict,
-            resumed: dict | None = None) -> None:
+            resumed: dict | None = None, others: dict | None = None) -> None:
+    """``others``: CPUs other work took, per probe name and "job" (absent: an older record that did not measure)."""
     (folder / name).mkdir(parents=True)
+    load = {k: {"others_cpus": v, "cpus": 2} for k, v in (others or {}).items()}
     r = {"schema_version": schema, "method": {"name": method}, "env": {"threads": 2}, "resumed": resumed or {},
-         "cost": {"total_seconds": total, "unlearn": {"seconds": unlearn},
-                  "probes": {k: {"seconds": v} for k, v in probes.items()}}}
+         "cost": {"total_seconds": total, "unlearn": {"seconds": unlearn}, **load.get("job", {}),
+                  "probes": {k: {"seconds": v, **load.get(k, {})} for k, v in probes.items()}}}
     (folder / name / "record.json").write_text(json.dumps(r))
 
 
@@ -44,3 +46,19 @@ def test_a_resumed_job_times_only_the_stages_it_ran(tmp_path):
     assert s["probes"]["partial_diffusion"] == {"n": 1, "median": 150.0, "min": 150.0, "max": 150.0}
     assert s["probes"]["inversion"]["n"] == 1 and s["probes"]["inversion"]["median"] == 50.0
     assert s["job_without_unlearn"]["n"] == 1 and "uce | all" not in s["per_method"]
+
+
+def test_times_measured_beside_other_work_are_left_out_and_counted(tmp_path):
+    # b's inversion ran while another job kept a core busy: its 140 s is contention, not the probe's cost; its
+    # partial diffusion ran alone. c predates the measurement: kept, and counted as unmeasured.
+    bp = _load()
+    _record(tmp_path, "a", "uce", bp.SCHEMA_VERSION, 300.0, 0.0, {"inversion": 50.0}, others={"job": 0.01, "inversion": 0.0})
+    _record(tmp_path, "b", "uce", bp.SCHEMA_VERSION, 700.0, 0.0, {"partial_diffusion": 150.0, "inversion": 140.0},
+            others={"job": 0.6, "partial_diffusion": 0.05, "inversion": 1.1})
+    _record(tmp_path, "c", "uce", bp.SCHEMA_VERSION, 310.0, 0.0, {"inversion": 55.0})
+    s = bp.summarise(bp._records(tmp_path, 2))
+    assert s["probes"]["inversion"]["n"] == 2 and s["probes"]["inversion"]["max"] == 55.0
+    assert s["probes"]["partial_diffusion"]["n"] == 1
+    assert s["job_without_unlearn"]["n"] == 2 and s["job_without_unlearn"]["max"] == 310.0
+    assert s["load"] == {"beside other work": 2, "load not measured": 2}
+    assert "left out as run beside other work: 2" in bp.table(s, "test")
