@@ -69,14 +69,14 @@ def summary_lines(record: dict, rec_path: Path, golds: dict[str, dict | None]) -
         lines.append(f"  {block.get('display') or name}: recovers at {_recovery(block['metrics'].get('recover'), ax)}; gold standard: {gold_txt}")
         v = vs.get(name)
         if v is not None:
-            p = f"  P = {V.format_p(v.probability)}" if v.probability is not None else ""
+            p = f"  {V.probability_text(v.to_dict())}" if v.probability is not None else ""
             lines.append(f"      verdict: {v.key.replace('_', ' ').upper()}{p} — {v.detail}")
         ccs, crs = block["metrics"].get("ccs"), block["metrics"].get("crs")
         if ccs or crs:
             lines.append(f"      CCS {_num(ccs, 3)}   CRS {_num(crs, 3)}")
     if "retain" in vs:
         v = vs["retain"]
-        p = f"  P = {V.format_p(v.probability)}" if v.probability is not None else ""
+        p = f"  {V.probability_text(v.to_dict())}" if v.probability is not None else ""
         lines.append(f"  retain prompts: {v.key.upper()}{p}")
     if record.get("resumed"):
         lines.append("  resumed: reused " + ", ".join(f"{k} ×{n}" for k, n in record["resumed"].items()))

@@ -47,19 +47,35 @@ class ThresholdError(ValueError):
 @dataclass(frozen=True)
 class Verdict:
     key: str                         # a label key of schema.json verdict.labels
-    probability: float | None = None  # P(the verdict's own event) from the replicates; None = not a probabilistic call
+    probability: float | None = None  # P(event) from the replicates; None = not a probabilistic call
     detail: str = ""                 # why, and for "inconclusive" what would settle it
+    event: str = ""                  # what ``probability`` is the probability of: "concealed", "erasure < 0.5", …
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "probability": self.probability, "detail": self.detail}
+        return {"key": self.key, "probability": self.probability, "detail": self.detail, "event": self.event}
 
     def brief(self) -> str:
         """One table cell: the label, for *inconclusive* the gate that did not decide, and the probability —
         ``inconclusive on specificity (0.09)``, ``removed (1.00)``."""
         text = SHORT_LABELS.get(self.key, self.key)
-        if self.key == "inconclusive":
-            text += " on " + next((w for w in ("erasure", "specificity") if self.detail.startswith(w)), "recovery")
+        if self.key == "inconclusive" and self.event:
+            text += " on " + gate_of(self.event)
         return text if self.probability is None else f"{text} ({format_p(self.probability)})"
+
+
+def gate_of(event: str) -> str:
+    """The step of the rule an event belongs to: "erasure < 0.5" → erasure, "concealed" → recovery."""
+    return "recovery" if event in ("concealed", "removed") else event.split()[0]
+
+
+def probability_text(v: dict, p_decide: float | None = None) -> str:
+    """How a page or table prints a verdict's probability: ``P 0.97`` is the verdict's own; an *inconclusive*
+    one names its event, ``P(concealed) 0.31``, ``P(erasure < 0.5) 0.06`` — a bare P beside "inconclusive"
+    would read as the probability of being inconclusive."""
+    if v.get("probability") is None:
+        return ""
+    p = format_p(v["probability"], p_decide)
+    return f"P({v['event']}) {p}" if v.get("key") == "inconclusive" and v.get("event") else f"P {p}"
 
 
 SHORT_LABELS = {"not_erased": "not erased", "no_gold": "no gold"}  # verdict keys as a table prints them
@@ -170,11 +186,12 @@ def _gate(p: float | None, p_decide: float, below: str, name: str, gate: float) 
     """A gate's outcome: the ``below`` verdict, ``inconclusive`` near the gate, or None (passed)."""
     if p is None:
         return None
+    event = f"{name} < {gate:g}"
     if p >= p_decide:
-        return Verdict(below, p, f"P({name} < {gate:g}) = {format_p(p, p_decide)}")
+        return Verdict(below, p, f"P({event}) = {format_p(p, p_decide)}", event)
     if p > 1 - p_decide:
         return Verdict("inconclusive", p, f"{name}'s interval straddles the {gate:g} gate (P below = {format_p(p, p_decide)}): "
-                                          "more forget prompts or seeds would settle it")
+                                          "more forget prompts or seeds would settle it", event)
     return None
 
 
@@ -204,18 +221,18 @@ def judge_forget(metrics: dict, probe_block: dict | None, gold_block: dict | Non
     p = float(np.mean(pairs[0] < pairs[1]))
     how = "paired by prompt and seed" if paired(rec, grec) else "independent bootstraps"
     if p >= p_decide:
-        return Verdict("concealed", p, f"P(recovers earlier than the gold − margin) = {format_p(p, p_decide)} ({how})")
+        return Verdict("concealed", p, f"P(recovers earlier than the gold − margin) = {format_p(p, p_decide)} ({how})", "concealed")
     q = _p_not_earlier(*pairs)
     if q >= p_decide:
-        return Verdict("removed", q, f"P(recovers no earlier than the gold − margin) = {format_p(q, p_decide)} ({how})")
+        return Verdict("removed", q, f"P(recovers no earlier than the gold − margin) = {format_p(q, p_decide)} ({how})", "removed")
     if 1 - p >= p_decide:  # not earlier than the axis end − margin, but the gold never recovers on the axis
         m, _, censored = pairs
         share = float(np.mean(censored & np.isfinite(m)))  # the method recovers on the axis where the gold does not
         return Verdict("inconclusive", p, f"P(recovers earlier than the gold − margin) = {format_p(p, p_decide)} ({how}), but the gold never "
                                           f"recovers up to {axis_max:g} while the method does in {share:.0%} of the replicates: "
-                                          f"a longer {probe} axis would settle it")
+                                          f"a longer {probe} axis would settle it", "concealed")
     return Verdict("inconclusive", p, f"P(recovers earlier than the gold − margin) = {format_p(p, p_decide)} ({how}): more attacked seeds or "
-                                      "prompts (a narrower recovery interval) would settle it")
+                                      "prompts (a narrower recovery interval) would settle it", "concealed")
 
 
 def off_domain_note(record: dict, th: dict) -> str | None:
@@ -240,11 +257,13 @@ def judge_retain(retain: dict, th: dict) -> Verdict:
     p = p_below(r, th["retention_min"])
     if p is None:
         return Verdict("unjudged", None, "the record carries no bootstrap replicates (an old schema)")
+    below = f"retention < {th['retention_min']:g}"
     if p >= th["p_decide"]:
-        return Verdict("damaged", p, f"P(retention < {th['retention_min']:g}) = {format_p(p, th['p_decide'])}")
+        return Verdict("damaged", p, f"P({below}) = {format_p(p, th['p_decide'])}", below)
     if p <= 1 - th["p_decide"]:
-        return Verdict("kept", 1 - p, f"P(retention ≥ {th['retention_min']:g}) = {format_p(1 - p, th['p_decide'])}")
-    return Verdict("inconclusive", p, f"retention's interval straddles the {th['retention_min']:g} gate")
+        return Verdict("kept", 1 - p, f"P(retention ≥ {th['retention_min']:g}) = {format_p(1 - p, th['p_decide'])}",
+                       f"retention ≥ {th['retention_min']:g}")
+    return Verdict("inconclusive", p, f"retention's interval straddles the {th['retention_min']:g} gate", below)
 
 
 def combine(verdicts: list[Verdict]) -> Verdict:
@@ -253,9 +272,13 @@ def combine(verdicts: list[Verdict]) -> Verdict:
     if not verdicts:
         return Verdict("undefined")
     keys = [v.key for v in verdicts]
+    n = len(verdicts)
+    events = {v.event for v in verdicts}
+    if len(set(keys)) == 1 and len(events) > 1:  # e.g. inconclusive on erasure in one seed, on recovery in another
+        return Verdict(keys[0], None, "the same in all {} seeds, on different gates ({})".format(
+            n, ", ".join(f"{gate_of(e)} ×{sum(v.event == e for v in verdicts)}" for e in sorted(events))))
     if len(set(keys)) == 1:
         probs = [v.probability for v in verdicts if v.probability is not None]
-        n = len(verdicts)
-        return Verdict(keys[0], min(probs) if probs else None, f"the same in all {n} seed{'s' * (n != 1)}")
+        return Verdict(keys[0], min(probs) if probs else None, f"the same in all {n} seed{'s' * (n != 1)}", events.pop())
     tally = ", ".join(f"{k} ×{keys.count(k)}" for k in dict.fromkeys(keys))
     return Verdict("inconclusive", None, f"the seeds disagree ({tally})")

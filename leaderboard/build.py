@@ -21,7 +21,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
-from bench.verdict import format_p
+from bench.verdict import format_p, probability_text
 from leaderboard import svg
 from leaderboard.export import markdown, results_csv
 from leaderboard.records import Issue, Record, artifact_keys, check_protocols, dedupe, gather, load
@@ -149,6 +149,7 @@ def write_site(out: Path, result: BuildResult, schema: dict) -> None:
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined)
     env.filters["p"] = lambda p: format_p(p, schema["verdict"]["p_decide"])
+    env.filters["ptext"] = lambda v: probability_text(v, schema["verdict"]["p_decide"])
     page = env.get_template("index.html.j2").render(**page_context(result, schema, images))
     _write(out / "index.html", page)
 

@@ -7,7 +7,7 @@ import html
 import io
 from typing import TYPE_CHECKING
 
-from bench.verdict import format_p
+from bench.verdict import probability_text
 from leaderboard.table import (
     SUMMARY_KEYS,
     Ranking,
@@ -31,7 +31,9 @@ def _verdict_keys(rankings: list[Ranking]) -> list[str]:
 
 def results_csv(rankings: list[Ranking], schema: dict) -> str:
     """One line per table row (a method configuration × class, its seeds combined): verdicts with
-    their probabilities, raw values (empty = absent, ``null`` = undefined/never), the job keys."""
+    their probabilities (``p:<probe>``) and what each is the probability of (``p_of:<probe>``: the verdict
+    itself, or for *inconclusive* the event that stayed undecided, e.g. ``concealed``), raw values
+    (empty = absent, ``null`` = undefined/never), the job keys."""
     vkeys = _verdict_keys(rankings)
     metric_keys: list[str] = []
     for rk in rankings:
@@ -39,16 +41,17 @@ def results_csv(rankings: list[Ranking], schema: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["model", "protocol_hash", "eval", "schema", "concept", "class", "method", "variant", "display", "reference", "seeds",
-                *[f"verdict:{k}" for k in vkeys], *[f"p:{k}" for k in vkeys], *metric_keys, "job_keys"])
+                *[f"verdict:{k}" for k in vkeys], *[f"p:{k}" for k in vkeys], *[f"p_of:{k}" for k in vkeys], *metric_keys, "job_keys"])
     for rk in rankings:
         for row in rk.rows:
             vs = row["verdicts"]
             verdicts = [vs[k]["key"] if k in vs else "" for k in vkeys]
             probs = ["" if k not in vs or vs[k]["probability"] is None else f"{vs[k]['probability']:.4f}" for k in vkeys]
+            events = ["" if k not in vs or vs[k]["probability"] is None else vs[k].get("event", "") for k in vkeys]  # what p: is of
             vals = [("null" if row["values"][k] is None else repr(row["values"][k])) if k in row["values"] else "" for k in metric_keys]
             w.writerow([rk.model["name"], rk.protocol["hash"], rk.protocol.get("eval", ""), 1 if rk.legacy else 2,
                         row["concept"], row["class"], row["method"], row["variant"] or "", row["display"], row["reference"] or "",
-                        " ".join(map(str, row["seeds"])), *verdicts, *probs, *vals, " ".join(row["records"])])
+                        " ".join(map(str, row["seeds"])), *verdicts, *probs, *events, *vals, " ".join(row["records"])])
     return buf.getvalue()
 
 
@@ -62,7 +65,7 @@ def md_escape(text: str) -> str:
 
 def verdict_text(v: dict, schema: dict) -> str:
     label = schema["verdict"]["labels"].get(v["key"], {}).get("display", v["key"])
-    return f"{label} (P {format_p(v['probability'], schema['verdict']['p_decide'])})" if v.get("probability") is not None else label
+    return f"{label} ({probability_text(v, schema['verdict']['p_decide'])})" if v.get("probability") is not None else label
 
 
 def markdown(result: BuildResult, schema: dict) -> str:

@@ -116,6 +116,24 @@ def test_replicated_seeds_that_disagree_are_inconclusive():
     assert c.key == "inconclusive" and c.probability is None and "removed ×2" in c.detail
 
 
+def test_an_inconclusive_verdict_says_what_its_probability_is_of():
+    # "inconclusive P 0.31" beside a badge reads as the probability of being inconclusive; it is P(concealed)
+    rec = V.judge_forget(forget(), block(0.35, 0.03), GOLD, "partial_diffusion", TH)
+    gate = V.judge_forget(forget(erasure=0.5, specificity=0.95), block(None), GOLD, "partial_diffusion", TH)
+    removed = V.judge_forget(forget(), block(0.40), GOLD, "partial_diffusion", TH)
+    assert (rec.key, rec.event, gate.key, gate.event) == ("inconclusive", "concealed", "inconclusive", f"erasure < {TH['erasure_min']:g}")
+    assert V.probability_text(rec.to_dict()).startswith("P(concealed) ")
+    assert V.probability_text(gate.to_dict()).startswith(f"P(erasure < {TH['erasure_min']:g}) ")
+    assert V.probability_text(removed.to_dict()) == f"P {V.format_p(removed.probability)}"
+    assert rec.brief().startswith("inconclusive on recovery") and gate.brief().startswith("inconclusive on erasure")
+    retain = V.judge_retain({"retention": m(0.8, 0.05)}, TH)
+    assert retain.brief().startswith("inconclusive on retention")
+    # seeds inconclusive on different gates share no probability: the smaller of two events' P would mean nothing
+    c = V.combine([rec, gate, rec])
+    assert c.key == "inconclusive" and c.probability is None and "erasure ×1" in c.detail and "recovery ×2" in c.detail
+    assert V.combine([rec, rec]).event == "concealed"
+
+
 def test_retain_verdict():
     assert V.judge_retain({"retention": m(0.95)}, TH).key == "kept"
     assert V.judge_retain({"retention": m(0.5)}, TH).key == "damaged"
