@@ -115,9 +115,10 @@ def markdown(rec: dict, st: dict) -> str:
     lines += ["", "| probe | " + " | ".join(f"seed {s}" for s in st["seeds"]) + " | combined | holds in every replicate |",
               "|---|" + "---|" * (len(st["seeds"]) + 2)]
     for probe, e in st["probes"].items():
-        cells = [f"{v['key']}" + (f" (P {V.format_p(v['probability'])})" if v["probability"] is not None else "") for v in e["verdicts"]]
+        cells = [f"{v['key']}" + (f" ({V.probability_text(v)})" if v["probability"] is not None else "") for v in e["verdicts"]]
         c = e["combined"]
-        lines.append(f"| {probe} | " + " | ".join(cells) + f" | {c['key']}" + (f" (P ≥ {V.format_p(c['probability'])})" if c["probability"] is not None else "")
+        named = f"P({c['event']})" if c["key"] == "inconclusive" and c.get("event") else "P"  # the smallest over the seeds
+        lines.append(f"| {probe} | " + " | ".join(cells) + f" | {c['key']}" + (f" ({named} ≥ {V.format_p(c['probability'])})" if c["probability"] is not None else "")
                      + f" | {'yes' if e['holds_in_every_replicate'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
