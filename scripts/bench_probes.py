@@ -12,7 +12,9 @@ protocol, so its times would mix two jobs of different size. A resumed job (``re
 its reused probes and its total are left out. A time measured beside other work (``others_cpus`` in the
 record's ``cost`` and each probe's: CPUs that other processes kept busy meanwhile, ``bench/cpuload.py``)
 is left out too and counted as "beside other work"; records older than that measurement cannot say,
-are kept, and are counted as "load not measured". ``--run`` runs ``python -m bench … probes=all``
+are kept, and are counted as "load not measured". Each probe's time is also given over the same job's λ_U
+generation (``cost.generate.seconds``: the same UNet rows on every host), a cost that does not move with
+the host's speed the way seconds do (2-core hosts here differ by up to 1.5× from day to day). ``--run`` runs ``python -m bench … probes=all``
 in a fresh output and cache folder each time (nothing reused: θ's λ_O and ψ-prefixes are computed
 too) and summarises those records. Timings mean something only with nothing else on the machine.
 Prints a Markdown table; ``--json`` also writes the numbers.
@@ -48,8 +50,16 @@ def _records(folder: Path, threads: int | None) -> list[dict]:
     return out
 
 
+def _yardstick(r: dict) -> float | None:
+    """Seconds this job spent generating λ_U and the detection images (the same rows on every host), if it
+    ran that stage itself: a probe's seconds over it is its cost on any host (see the module doc)."""
+    gen = ((r.get("cost") or {}).get("generate") or {}).get("seconds")
+    return float(gen) if gen and "λ_U" not in (r.get("resumed") or {}) else None
+
+
 def summarise(records: list[dict]) -> dict:
     probes: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
     jobs = []
     per_method: dict[str, dict[str, list[float]]] = {}
     load = {"beside other work": 0, "load not measured": 0}  # timings (probe or job) of each kind
@@ -68,6 +78,8 @@ def summarise(records: list[dict]) -> dict:
         for name, b in ran.items():
             if b.get("seconds") is not None and timed_whole(r, name) and alone(r, b):
                 probes.setdefault(name, []).append(float(b["seconds"]))
+                if _yardstick(r):
+                    ratios.setdefault(name, []).append(float(b["seconds"]) / _yardstick(r))
         total = c.get("total_seconds")
         if total is not None and timed_whole(r) and alone(r, c):
             unlearn = float((c.get("unlearn") or {}).get("seconds") or 0.0)
@@ -81,7 +93,8 @@ def summarise(records: list[dict]) -> dict:
     def stats(xs: list[float]) -> dict:
         return {"n": len(xs), "median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else {"n": 0}
 
-    return {"probes": {k: stats(v) for k, v in probes.items()}, "job_without_unlearn": stats(jobs), "load": load,
+    return {"probes": {k: {**stats(v), "per_generate": stats(ratios.get(k, []))} for k, v in probes.items()},
+            "job_without_unlearn": stats(jobs), "load": load,
             "per_method": {k: {"job_without_unlearn": stats(v["job"]), "unlearn": stats(v["unlearn"])}
                            for k, v in sorted(per_method.items())}}
 
@@ -91,13 +104,16 @@ def table(s: dict, where: str) -> str:
     lines = [f"Wall seconds ({where}); goal ≤ {GOAL_PROBE_S:.0f} s per probe, ≤ {GOAL_JOB_S:.0f} s per job without unlearning.",
              f"Timings left out as run beside other work: {left.get('beside other work', 0)}; "
              f"kept without a load measurement (older records): {left.get('load not measured', 0)}.", "",
-             "| stage | jobs | median | min | max | goal met (median) |", "|---|---|---|---|---|---|"]
+             "| stage | jobs | median | min | max | goal met (median) | × the job's λ_U generation: median (min–max) |",
+             "|---|---|---|---|---|---|---|"]
     rows = [*s["probes"].items(), ("job without unlearning", s["job_without_unlearn"])]
     for name, st in rows:
         if not st.get("n"):
             continue
         goal = GOAL_JOB_S if name.startswith("job") else GOAL_PROBE_S
-        lines.append(f"| {name} | {st['n']} | {st['median']:.0f} | {st['min']:.0f} | {st['max']:.0f} | {'yes' if st['median'] <= goal else 'no'} |")
+        g = st.get("per_generate") or {}
+        ratio = f"{g['median']:.2f} ({g['min']:.2f}–{g['max']:.2f})" if g.get("n") else "—"
+        lines.append(f"| {name} | {st['n']} | {st['median']:.0f} | {st['min']:.0f} | {st['max']:.0f} | {'yes' if st['median'] <= goal else 'no'} | {ratio} |")
     lines += ["", "Per method and probe set (job = wall time without the method's own unlearning):", "",
               "| method | probes | jobs | job median | job min | job max | unlearn median | job goal met (median) |",
               "|---|---|---|---|---|---|---|---|"]
