@@ -115,6 +115,21 @@ def test_shipped_detector_reads_fresh_renders():
 
 
 @needs_world
+def test_the_detector_reads_an_image_array_the_same_whatever_its_memory_layout():
+    # a freshly decoded batch is an NCHW buffer seen as NHWC; the same images read back from a stage or cache file
+    # are C-contiguous. Their features once differed by 1e-6 (NCHW against channels-last convolutions), so a job's
+    # KID depended on whether its λ_O came from the cache.
+    from bench.world.detector import Detector
+
+    det = Detector.load(WORLD / "detector")
+    fresh = np.ascontiguousarray(render_random(40, seed=7).images.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+    stored = np.ascontiguousarray(fresh)
+    assert not fresh.flags["C_CONTIGUOUS"] and np.array_equal(fresh, stored)
+    assert np.array_equal(det.embed(fresh), det.embed(stored))
+    assert all(np.array_equal(det.predict(fresh)[h], det.predict(stored)[h]) for h in ("shape", "colour", "texture"))
+
+
+@needs_world
 def test_shipped_detector_reads_shape_and_texture_through_dull_tones():
     """Generated images are darker and duller than renders: a dark cross must stay a cross."""
     from bench.world.detector import Detector

@@ -43,7 +43,11 @@ class Detector(nn.Module):
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
         if images.dtype == torch.uint8:
-            images = images.permute(0, 3, 1, 2).float() / 255.0
+            # contiguous NCHW whatever the array's memory layout: a freshly decoded batch is an NCHW buffer
+            # seen as NHWC, one read back from a stage or cache file is C-contiguous NHWC, and without this the
+            # two reach the convolutions as NCHW and channels-last, whose kernels round differently (features
+            # 1e-6 apart), so a job's KID moved with whether its λ_O came from the cache
+            images = images.permute(0, 3, 1, 2).contiguous().float() / 255.0
         return (images - 0.5) / 0.25
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
