@@ -137,6 +137,21 @@ def test_adding_a_probe_to_a_finished_job_recomputes_nothing_else(tmp_path):
 
 
 @needs_world
+def test_a_warm_cache_gives_the_record_a_cold_one_does(tmp_path):
+    # λ_O and θ's ψ-prefixes read back from the cache must score exactly as when computed in the job. (Arrays read
+    # from files once took other convolution kernels than freshly decoded ones, moving KID and CCS at 1e-8 in quick
+    # jobs; at this size that did not show, so test_world.py pins the detector itself — this guards the cache path.)
+    with initialize_config_dir(version_base=None, config_dir=CONF):
+        cold, warm = (compose(config_name="config", overrides=["logger=none", "eval=smoke", "method=noop", "concept=star",
+                                                               f"out_dir={tmp_path}/{name}", f"cache_dir={tmp_path}/cache"])
+                      for name in ("cold", "warm"))
+    assert execute(cold) == 0 and execute(warm) == 0
+    a, b = (json.loads(next((tmp_path / name).rglob("record.json")).read_text()) for name in ("cold", "warm"))
+    assert a["cost"]["cache"]["hits"] == [] and b["cost"]["cache"]["misses"] == []
+    assert strip(a) == strip(b)
+
+
+@needs_world
 def test_resume_from_finished_stages_gives_identical_record(tmp_path):
     cfg = cfg_with(tmp_path, "method=noop", "concept=red")
     assert execute(cfg) == 0
