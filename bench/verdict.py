@@ -268,7 +268,9 @@ def judge_retain(retain: dict, th: dict) -> Verdict:
 
 def combine(verdicts: list[Verdict]) -> Verdict:
     """Replicates (seeds) of one row: their common verdict with the smallest probability among
-    them, or ``inconclusive`` when any two disagree (DESIGN §6)."""
+    them, or ``inconclusive`` when any two disagree (DESIGN §6). Seeds that agree on *inconclusive*
+    at different gates (erasure in one, recovery in another) get no probability: theirs are of
+    different events."""
     if not verdicts:
         return Verdict("undefined")
     keys = [v.key for v in verdicts]
