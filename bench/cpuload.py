@@ -12,7 +12,7 @@ The machine's busy time is the aggregate ``cpu`` line of ``/proc/stat`` (user + 
 irq + softirq + steal; idle and iowait are not busy), this process's is ``time.process_time``
 (every thread of it). Where there is no ``/proc/stat`` (macOS, Windows) the numbers are ``None``.
 
-``busy`` (used by ``scripts/bench_probes.py`` to leave contended timings out) calls a stretch
+``busy`` (through ``record_busy``, used by ``scripts/bench_probes.py`` to leave contended timings out) calls a stretch
 contended when others took more than a tenth of a CPU on average (``OTHERS_TOLERANCE``) *and* left fewer than
 ``threads + 1`` CPUs free: a 16-core node running someone's 2-thread job beside ours is not
 short of cores, a 2-core machine running two jobs is. Measured on the 2-core machine of the README's timings:
@@ -63,3 +63,10 @@ def busy(load: dict | None, threads: int | None) -> bool | None:
         return None
     others = float(load["others_cpus"])
     return others > OTHERS_TOLERANCE and load["cpus"] - others < (threads or 1) + 1
+
+
+def record_busy(record: dict, probe: str | None = None) -> bool | None:
+    """``busy`` for a record's whole job (``probe=None``, ``cost``) or one probe (``cost.probes.<probe>``),
+    at the torch threads the record ran with."""
+    cost = record.get("cost") or {}
+    return busy(cost if probe is None else (cost.get("probes") or {}).get(probe), (record.get("env") or {}).get("threads"))

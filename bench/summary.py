@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import verdict as V
-from bench.cpuload import busy
+from bench.cpuload import record_busy
 
 
 def _num(m: dict | None, digits: int = 2) -> str:
@@ -83,7 +83,7 @@ def summary_lines(record: dict, rec_path: Path, golds: dict[str, dict | None]) -
     cost = record.get("cost") or {}
     if cost.get("total_seconds") is not None:
         took = f"  took {cost['total_seconds']:.0f} s (method {float((cost.get('unlearn') or {}).get('seconds') or 0):.0f} s)"
-        if busy(cost, (record.get("env") or {}).get("threads")):
+        if record_busy(record):
             took += f" — beside other work ({cost['others_cpus']:.1f} of {cost['cpus']} CPUs busy with other processes): not a cost to quote"
         lines.append(took)
     lines.append(f"  record:  {rec_path}")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.cpuload import busy  # noqa: E402  (torch-free)
+from bench.cpuload import record_busy  # noqa: E402  (torch-free)
 from bench.recordspec import SCHEMA_VERSION, timed_whole  # noqa: E402  (torch-free)
 
 GOAL_PROBE_S, GOAL_JOB_S = 120.0, 180.0  # the issues' goals at eval=quick on 2 cores
@@ -64,8 +64,8 @@ def summarise(records: list[dict]) -> dict:
     per_method: dict[str, dict[str, list[float]]] = {}
     load = {"beside other work": 0, "load not measured": 0}  # timings (probe or job) of each kind
 
-    def alone(r: dict, block: dict) -> bool:
-        b = busy(block, (r.get("env") or {}).get("threads"))
+    def alone(r: dict, probe: str | None = None) -> bool:
+        b = record_busy(r, probe)
         if b is not None:
             load["beside other work"] += b
         else:
@@ -75,13 +75,14 @@ def summarise(records: list[dict]) -> dict:
     for r in records:
         c = r.get("cost") or {}
         ran = c.get("probes") or {}
+        gen = _yardstick(r)
         for name, b in ran.items():
-            if b.get("seconds") is not None and timed_whole(r, name) and alone(r, b):
+            if b.get("seconds") is not None and timed_whole(r, name) and alone(r, name):
                 probes.setdefault(name, []).append(float(b["seconds"]))
-                if _yardstick(r):
-                    ratios.setdefault(name, []).append(float(b["seconds"]) / _yardstick(r))
+                if gen:
+                    ratios.setdefault(name, []).append(float(b["seconds"]) / gen)
         total = c.get("total_seconds")
-        if total is not None and timed_whole(r) and alone(r, c):
+        if total is not None and timed_whole(r) and alone(r):
             unlearn = float((c.get("unlearn") or {}).get("seconds") or 0.0)
             job = float(total) - unlearn
             jobs.append(job)

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "calibration"
 sys.path.insert(0, str(ROOT))
-from bench.cpuload import busy  # noqa: E402  (torch-free)
+from bench.cpuload import record_busy  # noqa: E402  (torch-free)
 from bench.recordspec import timed_whole  # noqa: E402  (torch-free)
 
 
@@ -48,7 +48,7 @@ def row_of(path: Path, probe: str) -> dict:
     rec = json.loads(path.read_text())
     block = rec["probes"][probe]
     return {"method": rec["method"]["name"], "concept": rec["concept"]["name"], "value": None,
-            "probe_seconds": block["cost"]["seconds"] if timed_whole(rec, probe) and not busy(block["cost"], (rec.get("env") or {}).get("threads")) else None, "recover": block["metrics"]["recover"], "axis": block["axis"]["values"],
+            "probe_seconds": block["cost"]["seconds"] if timed_whole(rec, probe) and not record_busy(rec, probe) else None, "recover": block["metrics"]["recover"], "axis": block["axis"]["values"],
             "curve": [pt.get("detection") for pt in block["curve"]], "erasure": rec["metrics"]["erasure"]["value"], "record": str(path),
             "metrics": rec["metrics"], "block": block}
 
