@@ -14,6 +14,7 @@ MODEL ?= shapes
 PART ?= all
 ARGS ?=
 RUNS ?=
+RECORD ?=
 SEEDS ?= 3
 LAUNCHER ?=
 SWEEP_DIR ?= multirun/sweep-$(METHOD)-$(CONCEPT)
@@ -21,7 +22,7 @@ SEARCH_DIR ?= multirun/search-$(METHOD)-$(CONCEPT)
 REPLICATE_DIR ?= multirun/replicate-$(METHOD)-$(CONCEPT)
 
 .DEFAULT_GOAL := help
-.PHONY: help install world world-check throughput bench perf costs gpu-smoke sweep search replicate leaderboard publish leaderboard-png test test-slow lint clean
+.PHONY: help install world world-check throughput bench perf costs gpu-smoke sweep search replicate verify leaderboard publish leaderboard-png test test-slow lint clean
 
 help: ## Show this help
 	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z_-]+:.*## /{printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -68,6 +69,10 @@ replicate: ## The same job under several seeds + stability report: make replicat
 	$(PY) -m bench -m method=$(METHOD) concept=$(CONCEPT) eval=$(EVAL) model=$(MODEL) seed=$$($(PY) -m bench.replicate seeds "$(SEEDS)") \
 		hydra.sweep.dir=$(REPLICATE_DIR) $(ARGS)
 	$(PY) -m bench.replicate report $(REPLICATE_DIR)
+
+verify: ## Rerun a record's job from its own config and compare: make verify RECORD=leaderboard/results/shapes/star/esd_x/<key> [ARGS="--against DIR"]
+	@if [ -z "$(RECORD)" ]; then echo 'error: `RECORD` must name a record folder, e.g. make verify RECORD=leaderboard/results/shapes/star/esd_x/<key>' >&2; exit 2; fi
+	$(PY) -m bench.verify "$(RECORD)" $(ARGS)
 
 leaderboard: ## Preview the leaderboard with your runs beside the published ones: runs/leaderboard/site/index.html (changes no tracked file)
 	$(PY) -m leaderboard build $(ARGS)
