@@ -284,7 +284,7 @@ def _detail(g, rk: Ranking, schema: dict, images: dict) -> dict:
         "prompts": _prompts(d, rk, schema),
         "params": [(k, _param(v)) for k, v in sorted((d["method"].get("params") or {}).items())]
         if isinstance(d["method"].get("params"), dict) else [],
-        "cost": _cost(d.get("cost")), "provenance": [_provenance(r.data) for r in g.records],
+        "cost": _cost(d.get("cost")), "provenance": [_provenance(r.data, r.source) for r in g.records],
     }
 
 
@@ -364,9 +364,14 @@ def _cost(cost: Any) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _provenance(d: dict) -> dict:
-    """(label, text, link) per record — a link only for an http(s) URL, never a javascript: one."""
-    items = [("job key", d["job_key"], None), ("seed", str(d.get("seed", 0)), None), ("created", str(d.get("created") or "—"), None)]
+def _provenance(d: dict, source: str) -> dict:
+    """(label, text, link) per record — a link only for an http(s) URL, never a javascript: one — and
+    the command that reruns the record's job and compares (``make verify``, bench/verify.py)."""
+    folder = Path(source).parent.as_posix()
+    if folder.startswith("results/"):  # the published root is labelled by its folder name (root_label)
+        folder = "leaderboard/" + folder
+    items = [("job key", d["job_key"], None), ("seed", str(d.get("seed", 0)), None), ("created", str(d.get("created") or "—"), None),
+             ("rerun and compare", f"make verify RECORD={folder}", None)]
     for k in ("id", "revision", "world"):
         if d["model"].get(k) is not None:
             items.append((f"model {k}", str(d["model"][k]), None))

@@ -402,3 +402,14 @@ def test_a_row_read_outside_the_detectors_domain_is_a_warning_on_the_page(tmp_pa
     assert rows[("receler", "forget")]["warning"].startswith("seed 0: the detector reads 100% of its forget images")
     assert rows[("uce", "forget")]["warning"] is None
     assert "⚠ off the detector's domain" in (out / "index.html").read_text()
+
+
+def test_each_record_names_the_command_that_reruns_and_compares_it(tmp_path):
+    paths = write_samples(tmp_path / "records")
+    _, out = _build(tmp_path)
+    page = (out / "index.html").read_text()
+    published = paths["k-esd-star-0"].parent.relative_to(tmp_path / "records").as_posix()
+    local = next(p for p in paths.values() if "/runs/" in p.as_posix()).parent.relative_to(tmp_path / "records").as_posix()
+    assert published.startswith("results/") and local.startswith("runs/")
+    assert f"make verify RECORD=leaderboard/{published}" in page  # the published root is the repo's leaderboard/results
+    assert f"make verify RECORD={local}" in page
