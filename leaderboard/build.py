@@ -21,6 +21,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
+from bench.recordspec import SCHEMA_VERSION
 from bench.verdict import format_p, probability_text
 from leaderboard import svg
 from leaderboard.export import markdown, results_csv
@@ -370,8 +371,9 @@ def _provenance(d: dict, source: str) -> dict:
     folder = Path(source).parent.as_posix()
     if folder.startswith("results/"):  # the published root is labelled by its folder name (root_label)
         folder = "leaderboard/" + folder
-    items = [("job key", d["job_key"], None), ("seed", str(d.get("seed", 0)), None), ("created", str(d.get("created") or "—"), None),
-             ("rerun and compare", f"make verify RECORD={folder}", None)]
+    items = [("job key", d["job_key"], None), ("seed", str(d.get("seed", 0)), None), ("created", str(d.get("created") or "—"), None)]
+    if d.get("schema_version") == SCHEMA_VERSION:  # an older record reruns only with the code that made it
+        items.append(("rerun and compare", f"make verify RECORD={folder}", None))
     for k in ("id", "revision", "world"):
         if d["model"].get(k) is not None:
             items.append((f"model {k}", str(d["model"][k]), None))

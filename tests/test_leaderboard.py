@@ -413,3 +413,7 @@ def test_each_record_names_the_command_that_reruns_and_compares_it(tmp_path):
     assert published.startswith("results/") and local.startswith("runs/")
     assert f"make verify RECORD=leaderboard/{published}" in page  # the published root is the repo's leaderboard/results
     assert f"make verify RECORD={local}" in page
+    from leaderboard.build import _provenance
+
+    old = [k for k, _, _ in _provenance(legacy_record("k-old", "esd"), "runs/shapes/star/esd/k-old/record.json")["entries"]]
+    assert "job key" in old and "rerun and compare" not in old  # schema 1: make verify refuses it
