@@ -136,6 +136,7 @@ def compare(published: dict, rerun: dict, tolerance: float = TOLERANCE) -> dict[
     emb = {"compared": 0, "differ": [], "within": 0, "max_delta": 0.0, "max_at": None}
     for p in a.keys() & b.keys():
         (x, is_emb), (y, _) = a[p], b[p]
+        is_emb = is_emb and all(v is None or _is_number(v) for v in (x, y))  # a setting's text is exact anywhere
         side = emb if is_emb else exact
         side["compared"] += 1
         if x == y:

@@ -181,3 +181,11 @@ def test_the_rerun_takes_the_records_thread_count_and_says_when_the_kernels_diff
     assert verify.isa_note({**rec, "env": {**rec["env"], "cpu_isa": "AVX512"}}) is None
     monkeypatch.setattr(bench.record, "cpu_isa", lambda: "AVX2")
     assert "needs a CPU with AVX512" in verify.isa_note({**rec, "env": {**rec["env"], "cpu_isa": "AVX512"}})
+
+
+def test_text_is_compared_exactly_even_inside_an_embedding_block(record):
+    rerun = copy.deepcopy(record)
+    rerun["probes"]["adversarial_prompt"]["protocol"]["probe"]["loss"] = "l1"  # a setting named like the inversion's loss curve
+    rep = verify.report(record, rerun)
+    assert rep["outcome"] == "not reproduced"
+    assert [d["field"] for d in rep["exact"]["differ"]] == ["probes.adversarial_prompt.protocol.probe.loss"]
