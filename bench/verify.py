@@ -197,9 +197,10 @@ def verdicts(published: dict, rerun: dict) -> list[dict[str, Any]]:
 
 
 def env_changes(published: dict, rerun: dict) -> dict[str, list]:
+    """What ran each record where they differ (versions, CPU, ISA, threads); the code version is printed apart."""
     ea, eb = published.get("env") or {}, rerun.get("env") or {}
     return {k: [ea.get(k), eb.get(k)] for k in sorted(ea.keys() | eb.keys())
-            if k not in ("git_sha", "threads") and ea.get(k) != eb.get(k)}
+            if k != "git_sha" and ea.get(k) != eb.get(k)}
 
 
 def report(published: dict, rerun: dict, tolerance: float = TOLERANCE) -> dict[str, Any]:
