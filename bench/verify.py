@@ -7,7 +7,8 @@ A verdict is worth citing when anyone can rebuild it. A record carries its whole
 records are compared leaf by leaf:
 
 - **verdicts**, per probe and for the retain class, both judged against the same gold-standard
-  record (the published one of the concept, probe protocol and seed; a gold row against itself);
+  record: the one the record's job found (of its concept, probe protocol and seed, under the
+  record's own out_dir first, then the published one), a gold row against itself;
 - **detector-based numbers** — detections, erasure, specificity, retention, detection-based recovery
   points, their curves and every bootstrap replicate — must be *equal*: they count oracle decisions
   on uint8 images, and the same config, seed, library versions and CPU kernels give the same images;
@@ -171,8 +172,9 @@ def _new_fields(a: dict, b: dict) -> list[str]:
     return sorted(out)
 
 
-def _golds(record: dict) -> dict[str, dict | None]:
-    """The gold-standard probe blocks a record is judged against: a gold row its own, else the published gold."""
+def _golds(record: dict, root: Path | None = None) -> dict[str, dict | None]:
+    """The gold-standard probe blocks a record is judged against: a gold row its own, else the gold its
+    job found — under the record's own out_dir ``root`` first, then the published one (``find_gold``)."""
     from bench.run import PUBLISHED, find_gold
 
     out = {}
@@ -180,17 +182,23 @@ def _golds(record: dict) -> dict[str, dict | None]:
         if record["method"].get("reference") == "gold":
             out[name] = block
             continue
-        g = find_gold(PUBLISHED, record["model"]["name"], record["concept"]["name"], record["seed"], name, block["protocol"]["hash"])
+        g = find_gold(root or PUBLISHED, record["model"]["name"], record["concept"]["name"], record["seed"], name, block["protocol"]["hash"])
         out[name] = g["record"]["probes"][name] if g else None
     return out
 
 
-def verdicts(published: dict, rerun: dict) -> list[dict[str, Any]]:
+def out_dir_of(record_file: Path) -> Path | None:
+    """The ``out_dir`` a record was written under (``<out_dir>/<model>/<concept>/<method>/<key>/record.json``)."""
+    parents = Path(record_file).resolve().parents
+    return parents[4] if len(parents) > 4 else None
+
+
+def verdicts(published: dict, rerun: dict, root: Path | None = None) -> list[dict[str, Any]]:
     """The forget verdict of each probe both records ran and the retain verdict, for both records,
     against the same golds."""
     from bench.summary import verdicts as judge
 
-    golds = _golds(published)
+    golds = _golds(published, root)
     va, vb = judge(published, golds), judge(rerun, golds)
     return [{"probe": k, "record": va[k].to_dict(), "rerun": vb[k].to_dict(),
              "same": (va[k].key, va[k].probability) == (vb[k].key, vb[k].probability)} for k in va if k in vb]
@@ -203,9 +211,11 @@ def env_changes(published: dict, rerun: dict) -> dict[str, list]:
             if k != "git_sha" and ea.get(k) != eb.get(k)}
 
 
-def report(published: dict, rerun: dict, tolerance: float = TOLERANCE) -> dict[str, Any]:
+def report(published: dict, rerun: dict, tolerance: float = TOLERANCE, root: Path | None = None) -> dict[str, Any]:
+    """``compare`` plus the verdicts (against the golds found under ``root``, the record's out_dir, then
+    the published ones), what ran each, and the outcome."""
     c = compare(published, rerun, tolerance)
-    vs = verdicts(published, rerun)
+    vs = verdicts(published, rerun, root)
     c["verdicts"] = vs
     c["env"] = env_changes(published, rerun)
     c["job_key"] = [published.get("job_key"), rerun.get("job_key")]
@@ -311,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             raise VerifyError(f"`--tolerance` must be in [0, 1), got {args.tolerance:g}")
         if args.threads is not None and args.threads < 1:
             raise VerifyError(f"`--threads` must be an integer >= 1, got {args.threads}")
-        published, _ = read(args.record)
+        published, published_file = read(args.record)
         other = read(args.against) if args.against else None
     except VerifyError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -326,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         new, path = read(path)
     else:
         new, path = other
-    rep = report(published, new, args.tolerance)
+    rep = report(published, new, args.tolerance, root=out_dir_of(published_file))
     print("\n".join([""] + lines(published, new, rep)))
     if other is None:
         from bench.record import write_json

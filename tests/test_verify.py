@@ -111,7 +111,7 @@ def test_new_fields_are_listed_missing_fields_fail_and_unshared_probes_are_left_
 
 def _write(tmp_path, name, rec):
     d = tmp_path / name
-    d.mkdir()
+    d.mkdir(parents=True)
     (d / "record.json").write_text(json.dumps(rec))
     return d
 
@@ -189,3 +189,21 @@ def test_text_is_compared_exactly_even_inside_an_embedding_block(record):
     rep = verify.report(record, rerun)
     assert rep["outcome"] == "not reproduced"
     assert [d["field"] for d in rep["exact"]["differ"]] == ["probes.adversarial_prompt.protocol.probe.loss"]
+
+
+def test_a_local_run_is_judged_against_the_gold_its_own_job_found(tmp_path, record):
+    """A job looks for its gold under its own out_dir first (bench.run.find_gold), so verify does too."""
+    from bench.run import PUBLISHED
+
+    published_gold = verify._golds(record)["partial_diffusion"]
+    golds = {p: json.loads(p.read_text()) for p in (PUBLISHED / "shapes" / "star" / "retrain").glob("*/record.json")}
+    gold_file = next(p for p, g in golds.items() if (g.get("probes") or {}).get("partial_diffusion") == published_gold)
+    local_gold = golds[gold_file]
+    local_gold["probes"]["partial_diffusion"]["metrics"]["recover"]["value"] = 0.123
+    runs = tmp_path / "runs"
+    _write(runs / "shapes" / "star" / "retrain", gold_file.parent.name, local_gold)
+    rec_dir = runs / "shapes" / "star" / "esd_x" / record["job_key"]
+    _write(rec_dir.parent, record["job_key"], record)
+    assert verify.out_dir_of(rec_dir / "record.json") == runs.resolve()
+    assert verify._golds(record, runs)["partial_diffusion"]["metrics"]["recover"]["value"] == 0.123
+    assert verify._golds(record)["partial_diffusion"]["metrics"]["recover"]["value"] != 0.123
