@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("record", help="a record's folder (or its record.json), e.g. leaderboard/results/shapes/star/esd_x/<key>")
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"where the rerun goes (default {DEFAULT_OUT}; a finished rerun there is reused)")
     ap.add_argument("--against", help="compare with this finished record instead of rerunning")
-    ap.add_argument("--tolerance", type=float, default=TOLERANCE, help=f"largest |Δ| of an embedding-based number (default {TOLERANCE:g})")
+    ap.add_argument("--tolerance", type=float, default=TOLERANCE, help=f"largest |Δ| of an embedding-based number, × max(1, |value|) (default {TOLERANCE:g})")
     ap.add_argument("--overwrite", action="store_true", help="rerun even if --out holds the finished rerun")
     ap.add_argument("--threads", type=int, help="torch CPU threads for the rerun (default: the record's env.threads)")
     args = ap.parse_args(argv)
