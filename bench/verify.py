@@ -269,7 +269,19 @@ def lines(published: dict, rerun: dict, rep: dict, shown: int = 8) -> list[str]:
                                        "is the first suspect",
                 "not reproduced": "  → NOT REPRODUCED: a verdict or a detector-based number differs (see above; a different env.cpu_isa "
                                   "or library version is the first suspect)"}[rep["outcome"]])
+    hint = unnamed_isa_hint(published, rerun) if rep["outcome"] != "reproduced" else None
+    if hint:
+        out.append("    " + hint)
     return out
+
+
+def unnamed_isa_hint(published: dict, rerun: dict) -> str | None:
+    """Records made before ``env.cpu_isa`` existed ran on AVX2 or AVX512 kernels without saying which:
+    when such a record did not reproduce on AVX512, the next thing to try is AVX2."""
+    if (published.get("env") or {}).get("cpu_isa") or (rerun.get("env") or {}).get("cpu_isa") != "AVX512":
+        return None
+    return ("the record does not name its CPU kernels (older records ran on AVX2 or AVX512); try AVX2 in another folder: "
+            "ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 python -m bench.verify <record> --out runs/verify-avx2")
 
 
 # ----------------------------------------------------------------------------- rerun

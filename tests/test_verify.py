@@ -207,3 +207,14 @@ def test_a_local_run_is_judged_against_the_gold_its_own_job_found(tmp_path, reco
     assert verify.out_dir_of(rec_dir / "record.json") == runs.resolve()
     assert verify._golds(record, runs)["partial_diffusion"]["metrics"]["recover"]["value"] == 0.123
     assert verify._golds(record)["partial_diffusion"]["metrics"]["recover"]["value"] != 0.123
+
+
+def test_a_record_that_names_no_isa_and_misses_on_avx512_gets_the_avx2_hint(record):
+    rerun = copy.deepcopy(record)
+    rerun["env"]["cpu_isa"] = "AVX512"
+    rerun["probes"]["partial_diffusion"]["metrics"]["ccs"]["value"] += 1e-3
+    assert "cpu_isa" not in record["env"]
+    text = "\n".join(verify.lines(record, rerun, verify.report(record, rerun)))
+    assert "VERDICTS REPRODUCED" in text and "ATEN_CPU_CAPABILITY=avx2" in text
+    named = {**record, "env": {**record["env"], "cpu_isa": "AVX512"}}
+    assert "ATEN_CPU_CAPABILITY" not in "\n".join(verify.lines(named, rerun, verify.report(named, rerun)))
