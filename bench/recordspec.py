@@ -85,7 +85,8 @@ def timed_whole(record: dict, probe: str | None = None) -> bool:
     return not resumed if probe is None else probe not in resumed and f"{probe} prepare" not in resumed
 
 
-def _number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
+    """An int or a float, not a bool (JSON true/false load as bool, a subclass of int)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
@@ -93,12 +94,12 @@ def _metric_problem(m: Any, where: str) -> str | None:
     if not isinstance(m, dict) or "value" not in m:
         return f"`{where}` must be an object with a `value`, got {_show(m)}"
     v = m["value"]
-    if v is not None and not _number(v):
+    if v is not None and not is_number(v):
         return f"`{where}.value` must be a number, got {_show(v)}"
     if v is not None and not math.isfinite(v):
         return f"`{where}.value` is {'NaN' if math.isnan(v) else 'infinite'}"
     reps = m.get("replicates")
-    if reps is not None and (not isinstance(reps, list) or any(r is not None and not _number(r) for r in reps)):
+    if reps is not None and (not isinstance(reps, list) or any(r is not None and not is_number(r) for r in reps)):
         return f"`{where}.replicates` must be a list of numbers or nulls"
     return None
 
@@ -113,7 +114,7 @@ def check_record(data: dict) -> tuple[list[str], list[str]]:
             errors.append(f"`{section}` must be an object, got {_show(data.get(section))}")
     if errors:
         return errors, warnings
-    if not _number(data.get("seed")) or data["seed"] < 0:
+    if not is_number(data.get("seed")) or data["seed"] < 0:
         errors.append(f"`seed` must be a non-negative integer, got {_show(data.get('seed'))}")
     for section in ("metrics", "retain"):
         for name, m in list(data[section].items()):
@@ -132,7 +133,7 @@ def check_record(data: dict) -> tuple[list[str], list[str]]:
             continue
         axis = block.get("axis")
         if not isinstance(axis, dict) or not isinstance(axis.get("values"), list) or not axis["values"] or \
-                not all(_number(v) and math.isfinite(v) for v in axis["values"]):
+                not all(is_number(v) and math.isfinite(v) for v in axis["values"]):
             errors.append(f"`{where}.axis.values` must be a non-empty list of numbers")
             continue
         for part in ("metrics", "retain"):
@@ -152,7 +153,7 @@ def check_record(data: dict) -> tuple[list[str], list[str]]:
 
 
 def _valid_curve(curve: Any) -> bool:
-    return isinstance(curve, list) and all(isinstance(pt, dict) and _number(pt.get("x")) and math.isfinite(pt["x"]) for pt in curve)
+    return isinstance(curve, list) and all(isinstance(pt, dict) and is_number(pt.get("x")) and math.isfinite(pt["x"]) for pt in curve)
 
 
 def upgrade_v1(data: dict) -> dict:
@@ -161,7 +162,7 @@ def upgrade_v1(data: dict) -> dict:
     schema-1 records of that protocol); ``legacy`` marks it; there are no replicates to judge by."""
     d = copy.deepcopy(data)
     proto = d.get("protocol") or {}
-    psi = [p for p in proto.get("psi") or [] if _number(p)]
+    psi = [p for p in proto.get("psi") or [] if is_number(p)]
 
     def split(block: dict) -> tuple[dict, dict]:
         plain = {k: v for k, v in block.items() if k in _V1_PROMPT_LEVEL}

@@ -36,6 +36,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.recordspec import SCHEMA_VERSION, is_number
+
 DEFAULT_OUT = "runs/verify"
 TOLERANCE = 1e-6
 # Statistics of the classifier's or the detector trunk's features: floats that round with the kernels.
@@ -56,8 +58,6 @@ class VerifyError(ValueError):
 
 def read(path: str | Path) -> tuple[dict, Path]:
     """The record at ``path`` (its folder or its ``record.json``) and the file, or one clear error."""
-    from bench.recordspec import SCHEMA_VERSION
-
     p = Path(path)
     f = p / "record.json" if p.is_dir() or not p.suffix else p
     try:
@@ -126,10 +126,6 @@ def _name(path: tuple) -> str:
     return out
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def compare(published: dict, rerun: dict, tolerance: float = TOLERANCE) -> dict[str, Any]:
     """Leaf-by-leaf comparison of two records of the same job (see the module docstring)."""
     both = frozenset(published.get("probes") or {}) & frozenset(rerun.get("probes") or {})
@@ -139,12 +135,12 @@ def compare(published: dict, rerun: dict, tolerance: float = TOLERANCE) -> dict[
     emb = {"compared": 0, "differ": [], "within": 0, "max_delta": 0.0, "max_at": None}
     for p in a.keys() & b.keys():
         (x, is_emb), (y, _) = a[p], b[p]
-        is_emb = is_emb and all(v is None or _is_number(v) for v in (x, y))  # a setting's text is exact anywhere
+        is_emb = is_emb and all(v is None or is_number(v) for v in (x, y))  # a setting's text is exact anywhere
         side = emb if is_emb else exact
         side["compared"] += 1
         if x == y:
             continue
-        if is_emb and _is_number(x) and _is_number(y):
+        if is_emb and is_number(x) and is_number(y):
             d = abs(float(x) - float(y))
             if d > emb["max_delta"]:
                 emb["max_delta"], emb["max_at"] = d, _name(p)

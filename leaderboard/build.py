@@ -21,7 +21,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
-from bench.recordspec import SCHEMA_VERSION
+from bench.recordspec import SCHEMA_VERSION, is_number
 from bench.verdict import format_p, probability_text
 from leaderboard import svg
 from leaderboard.export import markdown, results_csv
@@ -355,12 +355,12 @@ def _cost(cost: Any) -> list[tuple[str, str, str]]:
     for stage, c in stages:
         if isinstance(c, dict) and ("seconds" in c or "nfe" in c):  # not e.g. cache hit counts
             sec, nfe = c.get("seconds"), c.get("nfe")
-            rows.append((stage, fmt(sec, {"key": stage, "format": "seconds"}) if _number(sec) else "—",
-                         fmt(nfe, {"key": stage, "format": "count"}) if _number(nfe) else "—"))
+            rows.append((stage, fmt(sec, {"key": stage, "format": "seconds"}) if is_number(sec) else "—",
+                         fmt(nfe, {"key": stage, "format": "count"}) if is_number(nfe) else "—"))
     for key in ("peak_memory_mb", "params_changed"):
-        if _number(cost.get(key)):
+        if is_number(cost.get(key)):
             rows.append((key, f"{cost[key]:g}", ""))
-    if _number(cost.get("others_cpus")):  # whether the seconds above were measured alone (bench/cpuload.py)
+    if is_number(cost.get("others_cpus")):  # whether the seconds above were measured alone (bench/cpuload.py)
         rows.append((f"CPUs other processes kept busy meanwhile (of {cost.get('cpus', '?')})", f"{cost['others_cpus']:g}", ""))
     return rows
 
@@ -384,10 +384,6 @@ def _provenance(d: dict, source: str) -> dict:
     if isinstance(url, str) and url:
         items.append(("wandb", url, url if url.startswith(("https://", "http://")) else None))
     return {"seed": d.get("seed", 0), "entries": items}
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _write(path: Path, text: str) -> None:

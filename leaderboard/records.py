@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.recordspec import is_number
+
 # The job key names the record's asset folder in the site, so it must be a safe path component.
 _JOB_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _IDENTITY = ("model.name", "concept.name", "method.name", "protocol.hash")
@@ -163,7 +165,7 @@ def _check_required(data: dict, schema: dict) -> list[str]:
                 elif raw["value"] is None:
                     if not col.get("nullable", True):
                         errors.append(f"`{dotted}.value` is null")
-                elif not _is_number(raw["value"]):
+                elif not is_number(raw["value"]):
                     errors.append(f"`{dotted}.value` must be a number, got {_show(raw['value'])}")
                 elif not math.isfinite(raw["value"]):
                     errors.append(f"`{dotted}.value` is {'NaN' if math.isnan(raw['value']) else 'infinite'}")
@@ -278,10 +280,6 @@ def _protocol_splits(records: list[Record]) -> list[Issue]:
                                           f"{_show(model)}: {others}; ranked separately, not comparable",
                                 "warning"))
     return issues
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _show(value: Any) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench import verdict as V
+from bench.recordspec import is_number
 from leaderboard import svg
 from leaderboard.records import _MISSING, Record, lookup
 
@@ -251,7 +252,7 @@ def _combine_values(found: list[tuple[int, Any]], col: dict) -> tuple[Any, str]:
     if len(vals) == 1:
         _, v, meta = vals[0]
         return v, _title(meta, col)
-    nums = [v for _, v, _ in vals if _is_number(v)]
+    nums = [v for _, v, _ in vals if is_number(v)]
     value = float(f"{sum(nums) / len(nums):.12g}") if nums else None  # no float noise from the mean in the CSV
     each = ", ".join(f"{s}: {fmt(v, col)}" for s, v, _ in vals)
     spread = f"; spread {fmt(min(nums), col)}–{fmt(max(nums), col)}" if len(nums) > 1 else ""
@@ -273,7 +274,7 @@ def class_curve(data: dict, cls: str, probe: str | None) -> list[dict]:
         if p.get("class") == cls:
             for pt in ((p.get("probes") or {}).get(probe) or {}).get("curve") or []:
                 for k, v in pt.items():
-                    if k != "x" and _is_number(v) and _is_number(pt.get("x")):
+                    if k != "x" and is_number(v) and is_number(pt.get("x")):
                         sums[pt["x"]][k].append(float(v))
     return [{"x": x, **{k: sum(vs) / len(vs) for k, vs in sorted(series.items())}} for x, series in sorted(sums.items())]
 
@@ -292,10 +293,6 @@ def _show_variant(data: dict) -> bool:
     m = data["method"]
     v = m.get("variant")
     return isinstance(v, str) and bool(v) and v.lower() not in method_display(data).lower() and v.lower() != m["name"].lower()
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def fmt(value: Any, column: dict) -> str:
@@ -321,7 +318,7 @@ def fmt(value: Any, column: dict) -> str:
 def _title(meta: dict, column: dict) -> str:
     parts = []
     ci = meta.get("ci")
-    if isinstance(ci, list) and len(ci) == 2 and all(c is None or _is_number(c) for c in ci) and any(_is_number(c) for c in ci):
+    if isinstance(ci, list) and len(ci) == 2 and all(c is None or is_number(c) for c in ci) and any(is_number(c) for c in ci):
         lo = "—" if ci[0] is None else fmt(ci[0], column)
         hi = column.get("null_label", "—") if ci[1] is None else fmt(ci[1], column)
         parts.append(f"95% CI [{lo}, {hi}]")
@@ -347,7 +344,7 @@ def _rank_key(row: dict, schema: dict) -> tuple:
     v = row["values"].get(key)
     col = next((c for c in schema["columns"] if c["key"] == key.split(":")[0]), {})
     sign = -1.0 if better(col, row["class"]) == "higher" else 1.0
-    return (row["concept"], CLASSES.index(row["class"]), ref, rank, v is None, sign * v if _is_number(v) else 0.0,
+    return (row["concept"], CLASSES.index(row["class"]), ref, rank, v is None, sign * v if is_number(v) else 0.0,
             row["display"], row["variant"] or "", row["record"])
 
 
