@@ -103,10 +103,11 @@ def _hyperparameter_error(key: str, others: list[str]) -> str:
 
 
 def _precheck(argv: list[str]) -> None:
-    # Hydra's own flags (--multirun, --cfg, --help, …) and hydra.* overrides are left to Hydra.
+    # Hydra's own flags (--multirun, --cfg, --help, …) and hydra.* overrides are left to Hydra, except
+    # the search path: a method or probe whose YAML lives outside conf/ must compose here as it will there.
     if any(a.startswith("-") for a in argv):
         return
-    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/")) or a.lstrip("+~").startswith("hydra.searchpath=")]
     err = override_error(overrides)
     if err:
         print(f"error: {err}", file=sys.stderr)

@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 REF = re.compile(r"(?<![\w/.-])((?:docs|scripts|conf|bench|methods|tests|leaderboard)/[A-Za-z0-9_./-]++)")
 # paths that are not this repository's: another project's file, named as such where it is cited
 ELSEWHERE = {"scripts/convert_original_stable_diffusion_to_diffusers.py",  # diffusers' converter (methods/weights.py)
-             "bench/probes/my_probe.py", "conf/probes/my_probe.yaml"}  # the README's "Add a probe" example, to be written
+             # the README's "Add a probe" and "Add a method" examples, for a reader to write (tests/test_readme_examples.py runs them)
+             "bench/probes/my_probe.py", "conf/probes/my_probe.yaml", "methods/token_swap.py", "conf/method/token_swap.yaml",
+             "conf/method_model/token_swap_shapes.yaml"}
 
 
 def _sources() -> list[Path]:
