@@ -233,11 +233,36 @@ def _ranking_context(rk: Ranking, schema: dict, images: dict) -> dict:
                     head=f"{c['display']} — {rk.probe_display[c['probe']]}" if c.get("per_probe") else c["display"])
                for c in rk.columns]
     return {"id": rk.id, "model": rk.model, "hash": rk.protocol["hash"], "legacy": rk.legacy, "settings": settings,
-            "probe_settings": probe_settings, "rows": rk.rows, "columns": columns, "probes": rk.probes,
+            "probe_settings": probe_settings, "rows": rk.rows, "columns": columns, "header": header_rows(columns, rk),
+            "probes": rk.probes,
             "probe_display": rk.probe_display,
             "summary_columns": [c for c in columns if c["base"] not in ("method", "concept", "curve", "seeds")],
             "matrix": verdict_matrix(rk), "method_summary": method_summary(rk), "prompt_columns": prompt_columns(schema, rk),
             "groups": [_detail(g, rk, schema, images) for g in rk.groups]}
+
+
+def header_rows(columns: list[dict], rk: Ranking) -> list[list[dict]]:
+    """The board's header: with several probes, a per-probe column's metric heads a group over its
+    probes (``Recovery ↑`` over *partial diffusion*, *concept inversion*, …) and the column itself
+    is named by its probe alone; other columns span both rows. One probe: one row, full names.
+
+    Each cell is ``{"column": c, "label": …, "rowspan": n}`` (a sortable column) or
+    ``{"group": label, "title": …, "span": n}``."""
+    if len(rk.probes) < 2:
+        return [[{"column": c, "label": c["head"], "rowspan": 1} for c in columns]]
+    top: list[dict] = []
+    below: list[dict] = []
+    for c in columns:
+        if not c.get("per_probe"):
+            top.append({"column": c, "label": c["head"], "rowspan": 2})
+            continue
+        below.append({"column": c, "label": rk.probe_display[c["probe"]], "rowspan": 1})
+        last = top[-1] if top else None
+        if last and "group" in last and last["base"] == c["base"]:
+            last["span"] += 1
+        else:
+            top.append({"group": c["display"], "base": c["base"], "title": c.get("definition", ""), "span": 1})
+    return [top, below]
 
 
 def _detail(g, rk: Ranking, schema: dict, images: dict) -> dict:

@@ -6,10 +6,12 @@ milliseconds. The page itself is exercised in a browser by test_leaderboard_brow
 """
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -417,3 +419,30 @@ def test_each_record_names_the_command_that_reruns_and_compares_it(tmp_path):
 
     old = [k for k, _, _ in _provenance(legacy_record("k-old", "esd"), "runs/shapes/star/esd/k-old/record.json")["entries"]]
     assert "job key" in old and "rerun and compare" not in old  # schema 1: make verify refuses it
+
+
+def test_per_probe_columns_sit_under_one_head_per_metric(tmp_path):
+    """With several probes the board's header has two rows: each per-probe metric (Verdict, Recovery, …)
+    heads a group over its probes, whose columns are named by the probe alone and stay sortable; the
+    other columns span both rows. LEADERBOARD.md keeps one row of full names."""
+    write_samples(tmp_path / "records")
+    for f in (tmp_path / "records").rglob("record.json"):
+        r = json.loads(f.read_text())
+        if r.get("schema_version") != 2 or r.get("status") != "ok":
+            continue
+        block = copy.deepcopy(r["probes"]["partial_diffusion"])
+        block["display"] = "noise-based"
+        block["protocol"] = {**block["protocol"], "probe": {"name": "noise"}, "hash": "n0n0n0n0n0n0"}
+        r["probes"]["noise"] = block
+        for p in r["prompts"]:
+            p["probes"]["noise"] = copy.deepcopy(p["probes"]["partial_diffusion"])
+        f.write_text(json.dumps(r))
+    result, out = _build(tmp_path)
+    page = (out / "index.html").read_text()
+    thead = page[page.index('<table class="board"'):page.index("</thead>")]
+    assert thead.count("<tr>") == 2
+    assert re.search(r'<th scope="colgroup" class="group" colspan="2"[^>]*>Recovery</th>', thead)
+    assert re.search(r'<th scope="colgroup" class="group" colspan="2"[^>]*>Verdict</th>', thead)
+    assert re.search(r'data-key="recover:noise" title="Recovery — noise-based: [^"]*"[^>]*><button type="button" class="sort">noise-based&nbsp;', thead)
+    assert re.search(r'data-key="erasure" rowspan="2"', thead) and re.search(r'<th scope="col" rowspan="2">Detail</th>', thead)
+    assert "| Recovery — noise-based ↑ |" in (tmp_path / "LEADERBOARD.md").read_text()

@@ -55,10 +55,9 @@
     var trs = Array.prototype.slice.call(body.rows);
     trs.sort(function (a, b) { return compare(a, b, key, dir); });
     trs.forEach(function (tr) { body.appendChild(tr); });
-    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th) {
-      if (th.hasAttribute("aria-sort")) {
-        th.setAttribute("aria-sort", th.dataset.key === key ? (dir > 0 ? "ascending" : "descending") : "none");
-      }
+    // Every sortable header, in either header row (per-probe columns sit under their metric's group).
+    Array.prototype.forEach.call(table.tHead.querySelectorAll("th[aria-sort]"), function (th) {
+      th.setAttribute("aria-sort", th.dataset.key === key ? (dir > 0 ? "ascending" : "descending") : "none");
     });
   }
 
