@@ -14,7 +14,7 @@ record's ``cost`` and each probe's: CPUs that other processes kept busy meanwhil
 is left out too and counted as "beside other work"; records older than that measurement cannot say,
 are kept, and are counted as "load not measured". Each probe's time is also given over the same job's λ_U
 generation (``cost.generate.seconds``: the same UNet rows on every host), a cost that does not move with
-the host's speed the way seconds do (2-core hosts here differ by up to 1.5× from day to day). ``--run`` runs ``python -m bench … probes=all``
+the host's speed the way seconds do (2-core hosts here differ by up to 3×). ``--run`` runs ``python -m bench … probes=all``
 in a fresh output and cache folder each time (nothing reused: θ's λ_O and ψ-prefixes are computed
 too) and summarises those records. Timings mean something only with nothing else on the machine.
 Prints a Markdown table; ``--json`` also writes the numbers.
