@@ -215,3 +215,22 @@ def write_samples(root: Path | str, bad: bool = False, legacy: bool = False) -> 
     if legacy:
         paths["k-old"] = write(root / "runs", legacy_record("k-old", "esd"))
     return paths
+
+
+def add_probe(root: Path | str, name: str = "noise", display: str = "noise-based") -> None:
+    """Give every good schema-2 record under ``root`` a second probe, ``name``: a copy of its
+    partial-diffusion block under another protocol hash (the board then groups per-probe columns)."""
+    for path in sorted(Path(root).rglob("record.json")):
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict) or rec.get("schema_version") != 2 or rec.get("status") != "ok" or "partial_diffusion" not in rec.get("probes", {}):
+            continue
+        block = copy.deepcopy(rec["probes"]["partial_diffusion"])
+        block["display"] = display
+        block["protocol"] = {**block["protocol"], "probe": {"name": name}, "hash": f"{name[:2]}0000000000"}
+        rec["probes"][name] = block
+        for p in rec["prompts"]:
+            p["probes"][name] = copy.deepcopy(p["probes"]["partial_diffusion"])
+        path.write_text(json.dumps(rec, indent=1), encoding="utf-8")

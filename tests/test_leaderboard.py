@@ -6,7 +6,6 @@ milliseconds. The page itself is exercised in a browser by test_leaderboard_brow
 """
 from __future__ import annotations
 
-import copy
 import csv
 import hashlib
 import io
@@ -20,7 +19,7 @@ import pytest
 from bench.scorers import SCORERS
 from leaderboard.__main__ import main
 from leaderboard.build import build, load_schema
-from leaderboard.samples import bad_records, legacy_record, record, write, write_samples
+from leaderboard.samples import add_probe, bad_records, legacy_record, record, write, write_samples
 
 SCHEMA = load_schema()
 TH = SCHEMA["verdict"]
@@ -426,17 +425,7 @@ def test_per_probe_columns_sit_under_one_head_per_metric(tmp_path):
     heads a group over its probes, whose columns are named by the probe alone and stay sortable; the
     other columns span both rows. LEADERBOARD.md keeps one row of full names."""
     write_samples(tmp_path / "records")
-    for f in (tmp_path / "records").rglob("record.json"):
-        r = json.loads(f.read_text())
-        if r.get("schema_version") != 2 or r.get("status") != "ok":
-            continue
-        block = copy.deepcopy(r["probes"]["partial_diffusion"])
-        block["display"] = "noise-based"
-        block["protocol"] = {**block["protocol"], "probe": {"name": "noise"}, "hash": "n0n0n0n0n0n0"}
-        r["probes"]["noise"] = block
-        for p in r["prompts"]:
-            p["probes"]["noise"] = copy.deepcopy(p["probes"]["partial_diffusion"])
-        f.write_text(json.dumps(r))
+    add_probe(tmp_path / "records", "noise", "noise-based")
     result, out = _build(tmp_path)
     page = (out / "index.html").read_text()
     thead = page[page.index('<table class="board"'):page.index("</thead>")]

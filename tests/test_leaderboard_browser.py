@@ -21,7 +21,7 @@ import pytest
 
 from leaderboard.__main__ import find_browser
 from leaderboard.build import build
-from leaderboard.samples import bad_records, write_samples
+from leaderboard.samples import add_probe, bad_records, write_samples
 
 try:
     import websocket  # websocket-client
@@ -263,6 +263,29 @@ def test_page_in_headless_chromium(tmp_path, page):
         target = Path(os.environ["LEADERBOARD_SCREENSHOT"])
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(screenshot, target)
+
+
+def test_per_probe_columns_sort_from_the_second_header_row(tmp_path, page):
+    """With two probes a per-probe column's header sits in the second row, under its metric's group:
+    clicking it sorts, and sorting by another column clears its mark."""
+    write_samples(tmp_path / "records")
+    add_probe(tmp_path / "records", "noise", "noise-based")
+    site = tmp_path / "site"
+    build(tmp_path / "records" / "runs", tmp_path / "records" / "results", site, tmp_path / "LEADERBOARD.md")
+    page.call("Page.navigate", url=(site / "index.html").as_uri())
+    page.wait_event("Page.loadEventFired")
+    table = "document.querySelector('table[data-ranking=ranking-1]')"
+    assert page.js(f"{table}.tHead.rows.length") == 2
+    noise, erasure = f"{table}.querySelector('th[data-key=\"recover:noise\"]')", f"{table}.querySelector('th[data-key=erasure]')"
+    assert page.js(f"{noise}.parentElement.rowIndex") == 1 and page.js(f"{noise}.textContent").startswith("noise-based")
+    before = page.js(ROW_IDS)
+    page.js(f"{noise}.querySelector('button').click()")
+    assert page.js(f"{noise}.getAttribute('aria-sort')") == "ascending" and sorted(page.js(ROW_IDS)) == sorted(before)
+    page.js(f"{noise}.querySelector('button').click()")
+    assert page.js(f"{noise}.getAttribute('aria-sort')") == "descending"
+    page.js(f"{erasure}.querySelector('button').click()")
+    assert page.js(f"{erasure}.getAttribute('aria-sort')") == "ascending" and page.js(f"{noise}.getAttribute('aria-sort')") == "none"
+    assert page.errors() == []
 
 
 def test_screenshot_command_renders_a_built_page(tmp_path):
