@@ -107,7 +107,8 @@ def _precheck(argv: list[str]) -> None:
     # the search path: a method or probe whose YAML lives outside conf/ must compose here as it will there.
     if any(a.startswith("-") for a in argv):
         return
-    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/")) or a.lstrip("+~").startswith("hydra.searchpath=")]
+    keys = [(a, a.lstrip("+~")) for a in argv]
+    overrides = [a for a, k in keys if not k.startswith(("hydra.", "hydra/")) or k.startswith("hydra.searchpath=")]
     err = override_error(overrides)
     if err:
         print(f"error: {err}", file=sys.stderr)
